@@ -1,0 +1,18 @@
+"""pagedserve's in-process LLM engine: paged KV cache, continuous batching, prefix caching."""
+from engine.async_engine import AsyncLLMEngine
+from engine.config import EngineConfig
+from engine.llm import LLM
+from engine.llm_engine import LLMEngine
+from engine.outputs import CompletionOutput, Logprob, RequestOutput
+from engine.sampling_params import SamplingParams
+
+__all__ = [
+    "AsyncLLMEngine",
+    "CompletionOutput",
+    "EngineConfig",
+    "LLM",
+    "LLMEngine",
+    "Logprob",
+    "RequestOutput",
+    "SamplingParams",
+]

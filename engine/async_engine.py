@@ -1,0 +1,132 @@
+"""AsyncLLMEngine: the engine core stepped by a background thread, streamed to asyncio consumers."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections import deque
+from typing import Any, AsyncIterator, Optional
+
+from engine.config import EngineConfig
+from engine.llm_engine import EngineStats, LLMEngine, Prompt
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+from engine.sequence import Request
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    pass
+
+
+class _Stream:
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[Any] = asyncio.Queue()
+
+    def put(self, item: Any) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:
+            logger.debug("consumer event loop is closed; dropping an output")
+
+
+class AsyncLLMEngine:
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._streams: dict[str, _Stream] = {}
+        self._to_add: deque[Request] = deque()
+        self._to_abort: deque[str] = deque()
+        self._wakeup = threading.Event()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="engine-step", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> "AsyncLLMEngine":
+        return cls(LLMEngine(config))
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    async def generate(
+        self, request_id: str, prompt: Prompt, params: Optional[SamplingParams] = None
+    ) -> AsyncIterator[RequestOutput]:
+        """Yield output deltas until the request finishes; leaving the loop early aborts it."""
+        if self._stopped:
+            raise EngineDeadError("the engine is shut down")
+        if request_id in self._streams:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        request = self.engine.make_request(request_id, prompt, params)
+        stream = self._streams[request_id] = _Stream()
+        self._to_add.append(request)
+        self._wakeup.set()
+        finished = False
+        try:
+            while not finished:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        """Abort at the start of the next step; the request's blocks are freed then."""
+        self._to_abort.append(request_id)
+        self._wakeup.set()
+
+    def stats(self) -> EngineStats:
+        return self.engine.stats()
+
+    def shutdown(self) -> None:
+        self._stopped = True
+        self._wakeup.set()
+        self._thread.join()
+        for request_id in list(self.engine.requests):
+            self.engine.abort(request_id)
+        for stream in self._streams.values():
+            stream.put(EngineDeadError("the engine was shut down"))
+
+    def _run(self) -> None:
+        while not self._stopped:
+            self._wakeup.clear()
+            self._apply_commands()
+            if not self.engine.has_unfinished_requests():
+                self._wakeup.wait()
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as exc:
+                logger.exception("engine step failed; aborting its requests")
+                self._fail_all(exc)
+                continue
+            for output in outputs:
+                self._deliver(output)
+
+    def _apply_commands(self) -> None:
+        while self._to_add:
+            request = self._to_add.popleft()
+            if request.request_id in self._streams:
+                self.engine.add_request(request)
+        while self._to_abort:
+            output = self.engine.abort(self._to_abort.popleft())
+            if output is not None:
+                self._deliver(output)
+
+    def _deliver(self, output: RequestOutput) -> None:
+        stream = self._streams.get(output.request_id)
+        if stream is not None:
+            stream.put(output)
+
+    def _fail_all(self, exc: Exception) -> None:
+        for request_id in list(self.engine.requests):
+            self.engine.abort(request_id)
+            stream = self._streams.get(request_id)
+            if stream is not None:
+                stream.put(exc)

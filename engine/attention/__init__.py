@@ -1,0 +1,4 @@
+"""Attention over the paged KV cache: the batch metadata and the backends that read it."""
+from engine.attention.metadata import AttentionMetadata
+
+__all__ = ["AttentionMetadata"]

@@ -1,0 +1,96 @@
+"""Paged attention in plain PyTorch: the CPU path and the reference for the kernels."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from engine.attention.metadata import AttentionMetadata
+
+
+def write_kv_cache(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Scatter k, v [T, Hkv, D] into caches [num_blocks, block_size, Hkv, D] at flat slots [T]."""
+    num_kv_heads, head_dim = k.shape[1:]
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    metadata: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention of q [T, Hq, D] over each sequence's cached context; k, v are this step's keys."""
+    write_kv_cache(k, v, k_cache, v_cache, metadata.slot_mapping)
+    out = torch.empty_like(q)
+    num_decodes = metadata.num_decodes
+    if num_decodes:
+        out[:num_decodes] = decode_attention(
+            q[:num_decodes], k_cache, v_cache, metadata.block_tables[:num_decodes],
+            metadata.context_lens[:num_decodes], max(metadata.context_lens_cpu[:num_decodes]), scale,
+        )
+    starts = metadata.query_start_loc.tolist()
+    for i in range(num_decodes, metadata.num_seqs):
+        query = slice(starts[i], starts[i + 1])
+        query_len, context_len = metadata.query_lens_cpu[i], metadata.context_lens_cpu[i]
+        if query_len == context_len:
+            keys, values = k[query], v[query]
+        else:
+            keys = _gather_context(k_cache, metadata.block_tables[i], context_len)
+            values = _gather_context(v_cache, metadata.block_tables[i], context_len)
+        out[query] = prefill_attention(q[query], keys, values, scale)
+    return out
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    max_context_len: int,
+    scale: float,
+) -> torch.Tensor:
+    """One query token per sequence, q [B, Hq, D], over contexts padded to `max_context_len`."""
+    batch, num_heads, head_dim = q.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    num_blocks = -(-max_context_len // block_size)
+    tables = block_tables[:, :num_blocks]
+    keys = k_cache[tables].view(batch, num_blocks * block_size, num_kv_heads, head_dim)
+    values = v_cache[tables].view(batch, num_blocks * block_size, num_kv_heads, head_dim)
+    grouped = q.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    scores = torch.einsum("bhgd,blhd->bhgl", grouped, keys).float() * scale
+    padding = torch.arange(num_blocks * block_size) >= context_lens[:, None]
+    scores.masked_fill_(padding[:, None, None, :], float("-inf"))
+    probs = scores.softmax(dim=-1).to(q.dtype)
+    return torch.einsum("bhgl,blhd->bhgd", probs, values).reshape(batch, num_heads, head_dim)
+
+
+def prefill_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
+    """Queries [Lq, Hq, D] are the last Lq of the Lk context positions in keys/values [Lk, Hkv, D]."""
+    query_len, context_len = q.shape[0], keys.shape[0]
+    mask = None
+    if query_len != context_len:
+        query_pos = torch.arange(context_len - query_len, context_len)
+        mask = torch.arange(context_len)[None, :] <= query_pos[:, None]
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1).unsqueeze(0),
+        keys.transpose(0, 1).unsqueeze(0),
+        values.transpose(0, 1).unsqueeze(0),
+        attn_mask=mask,
+        is_causal=mask is None,
+        scale=scale,
+        enable_gqa=True,
+    )
+    return out.squeeze(0).transpose(0, 1)
+
+
+def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, context_len: int) -> torch.Tensor:
+    block_size = cache.shape[1]
+    blocks = cache[block_table[: -(-context_len // block_size)]]
+    return blocks.flatten(0, 1)[:context_len]

@@ -1,0 +1,72 @@
+"""Offline batch generation: `LLM(model=...).generate(prompts, params)`."""
+from __future__ import annotations
+
+import itertools
+from typing import Any, Optional, Sequence, Union
+
+from tqdm import tqdm
+
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine, Prompt
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+
+PROGRESS_BAR_MIN_PROMPTS = 16
+
+
+class LLM:
+    def __init__(self, model: Optional[str] = None, **engine_args: Any) -> None:
+        self.engine = LLMEngine(EngineConfig.from_dict({"model": model, **engine_args}))
+        self._request_counter = itertools.count()
+
+    def get_tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: Union[Prompt, Sequence[Prompt]],
+        sampling_params: Union[None, SamplingParams, Sequence[SamplingParams]] = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt (text or token ids); outputs come back in prompt order."""
+        prompt_list = _as_prompt_list(prompts)
+        params_list = _as_params_list(sampling_params, len(prompt_list))
+        requests = [
+            self.engine.make_request(f"llm-{next(self._request_counter)}", prompt, params)
+            for prompt, params in zip(prompt_list, params_list)
+        ]
+        for request in requests:
+            self.engine.add_request(request)
+        return self._run(requests, use_tqdm and len(requests) >= PROGRESS_BAR_MIN_PROMPTS)
+
+    def _run(self, requests: list[Any], show_progress: bool) -> list[RequestOutput]:
+        results: dict[str, RequestOutput] = {}
+        with tqdm(total=len(requests), desc="generate", disable=not show_progress) as progress:
+            while self.engine.has_unfinished_requests():
+                for delta in self.engine.step():
+                    if delta.request_id in results:
+                        results[delta.request_id].add(delta)
+                    else:
+                        results[delta.request_id] = delta
+                    progress.update(int(delta.finished))
+        return [results[request.request_id] for request in requests]
+
+
+def _as_prompt_list(prompts: Union[Prompt, Sequence[Prompt]]) -> list[Prompt]:
+    if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+        return [prompts]
+    prompt_list = list(prompts)
+    if not prompt_list:
+        raise ValueError("prompts is empty")
+    return prompt_list
+
+
+def _as_params_list(
+    params: Union[None, SamplingParams, Sequence[SamplingParams]], count: int
+) -> list[Optional[SamplingParams]]:
+    if params is None or isinstance(params, SamplingParams):
+        return [params] * count
+    params_list = list(params)
+    if len(params_list) != count:
+        raise ValueError(f"sampling_params: got {len(params_list)} for {count} prompts")
+    return params_list

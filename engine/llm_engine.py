@@ -1,0 +1,234 @@
+"""The synchronous engine core: requests in, one scheduled step at a time, output deltas out."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+
+from engine.block_manager import BlockManager, BlockStats
+from engine.config import EngineConfig
+from engine.detokenizer import Detokenizer
+from engine.loader import TORCH_DTYPES, load_model, read_model_config, resolve_model
+from engine.model_runner import ModelRunner
+from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from engine.sampler import TokenLogprobs
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+from engine.sequence import Request, Sequence
+from engine.tokenizer import load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+Prompt = Union[str, list[int]]
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    num_preemptions: int
+    blocks: BlockStats
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        source = resolve_model(config.model)
+        self.model_config = read_model_config(source)
+        self.tokenizer = load_tokenizer(source, config.tokenizer, required=config.load_format != "dummy")
+        dtype = TORCH_DTYPES["float32" if config.dtype == "auto" else config.dtype]
+        model_max_len = self._model_max_len()
+        model = load_model(
+            source, self.model_config, dtype, torch.device(config.device), model_max_len, config.load_format, config.seed
+        )
+        num_blocks = self._num_kv_blocks(dtype)
+        self.max_model_len = self._fit_max_model_len(model_max_len, num_blocks)
+        self.runner = ModelRunner(model, self.model_config, config.block_size, num_blocks, config.seed)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.detokenizer = Detokenizer(self.tokenizer)
+        self.eos_token_ids = set(self.model_config.eos_token_ids)
+        self.requests: dict[str, Request] = {}
+
+    def make_request(self, request_id: str, prompt: Prompt, params: Optional[SamplingParams] = None) -> Request:
+        """Validate and tokenize without touching engine state; ValueError names what is wrong."""
+        params = params if params is not None else SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling params must be SamplingParams, got {type(params).__name__}")
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        prompt_text, token_ids = self._tokenize(prompt)
+        self._check_length(len(token_ids), params)
+        return Request(request_id, prompt_text, token_ids, params)
+
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request_id {request.request_id!r} is already in use")
+        self.requests[request.request_id] = request
+        for seq in request.seqs:
+            self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> Optional[RequestOutput]:
+        """Finish the request with reason "abort" and free its blocks now; its final delta, if it was live."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        for seq in request.seqs:
+            if not seq.is_finished:
+                self.scheduler.finish(seq, "abort")
+        request.times.finished = time.monotonic()
+        return self._make_output(request, request.seqs)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def step(self) -> list[RequestOutput]:
+        schedule = self.scheduler.schedule()
+        if not schedule.scheduled:
+            return []
+        now = time.monotonic()
+        for item in schedule.scheduled:
+            times = item.seq.request.times
+            times.first_scheduled = times.first_scheduled or now
+        sampled_seqs, sampled = self.runner.execute(schedule.scheduled)
+        for item in schedule.scheduled:
+            item.seq.num_computed_tokens += item.num_new_tokens
+        for seq, token_id, logprobs in zip(sampled_seqs, sampled.token_ids, sampled.logprobs):
+            self._append_token(seq, token_id, logprobs)
+        return self._collect_outputs(sampled_seqs)
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            num_preemptions=self.scheduler.num_preemptions,
+            blocks=self.block_manager.stats(),
+        )
+
+    def _append_token(self, seq: Sequence, token_id: int, logprobs: Optional[TokenLogprobs]) -> None:
+        seq.token_ids.append(token_id)
+        times = seq.request.times
+        times.first_token = times.first_token or time.monotonic()
+        if logprobs is not None:
+            seq.logprobs.append(self.detokenizer.logprobs(logprobs))
+        params = seq.params
+        if token_id in params.stop_token_ids:
+            seq.detok.stop_reason = token_id
+            self.scheduler.finish(seq, "stop")
+            return
+        if token_id in self.eos_token_ids and not params.ignore_eos:
+            self.scheduler.finish(seq, "stop")
+            return
+        self.detokenizer.append_token(seq)
+        if seq.detok.stop_reason is not None:
+            self.scheduler.finish(seq, "stop")
+        elif seq.num_output_tokens == params.max_tokens or seq.num_tokens >= self.max_model_len:
+            self.scheduler.finish(seq, "length")
+
+    def _collect_outputs(self, sampled_seqs: list[Sequence]) -> list[RequestOutput]:
+        by_request: dict[str, list[Sequence]] = {}
+        for seq in sampled_seqs:
+            by_request.setdefault(seq.request.request_id, []).append(seq)
+        outputs = []
+        for request_id, seqs in by_request.items():
+            request = self.requests[request_id]
+            if request.is_finished:
+                request.times.finished = time.monotonic()
+                del self.requests[request_id]
+            outputs.append(self._make_output(request, seqs))
+        return outputs
+
+    def _make_output(self, request: Request, seqs: list[Sequence]) -> RequestOutput:
+        completions = [self._take_delta(seq) for seq in seqs]
+        return RequestOutput(
+            request_id=request.request_id,
+            prompt=request.prompt,
+            prompt_token_ids=request.prompt_token_ids,
+            outputs=completions,
+            finished=request.is_finished,
+            metrics=_request_metrics(request),
+            num_cached_tokens=min(seq.num_cached_tokens for seq in request.seqs),
+        )
+
+    def _take_delta(self, seq: Sequence) -> CompletionOutput:
+        start = seq.num_emitted_tokens
+        seq.num_emitted_tokens = seq.num_output_tokens
+        return CompletionOutput(
+            index=seq.index,
+            text=self.detokenizer.take_delta(seq),
+            token_ids=seq.output_token_ids[start:],
+            logprobs=seq.logprobs[start:] if seq.params.logprobs is not None else None,
+            finish_reason=seq.finish_reason,
+            stop_reason=seq.detok.stop_reason,
+        )
+
+    def _tokenize(self, prompt: Prompt) -> tuple[Optional[str], list[int]]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt is empty")
+            if self.tokenizer is None:
+                raise ValueError("prompt: this model has no tokenizer; pass token ids")
+            return prompt, list(self.tokenizer.encode(prompt))
+        if not isinstance(prompt, (list, tuple)) or not prompt:
+            raise ValueError("prompt must be a non-empty string or a non-empty list of token ids")
+        vocab_size = self.model_config.vocab_size
+        for token_id in prompt:
+            if not isinstance(token_id, int) or isinstance(token_id, bool) or not 0 <= token_id < vocab_size:
+                raise ValueError(f"prompt token id {token_id!r} is outside the vocabulary [0, {vocab_size})")
+        return None, list(prompt)
+
+    def _check_length(self, prompt_len: int, params: SamplingParams) -> None:
+        max_tokens = params.max_tokens or 1
+        if prompt_len + max_tokens > self.max_model_len:
+            raise ValueError(
+                f"max_tokens: prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) exceeds "
+                f"max_model_len ({self.max_model_len})"
+            )
+
+    def _model_max_len(self) -> int:
+        limit = self.model_config.max_position_embeddings
+        if self.model_config.sliding_window:
+            limit = min(limit, self.model_config.sliding_window)
+        if self.config.max_model_len is not None and self.config.max_model_len > limit:
+            raise ValueError(f"max_model_len ({self.config.max_model_len}) exceeds the model's limit ({limit})")
+        return self.config.max_model_len or limit
+
+    def _num_kv_blocks(self, dtype: torch.dtype) -> int:
+        if self.config.num_kv_blocks is not None:
+            return self.config.num_kv_blocks
+        block_bytes = ModelRunner.kv_block_bytes(self.model_config, self.config.block_size, dtype)
+        if self.config.device.startswith("cuda"):
+            free, total = torch.cuda.mem_get_info(torch.device(self.config.device))
+            budget = free - total * (1 - self.config.gpu_memory_utilization)
+        else:
+            budget = self.config.kv_cache_memory_gb * 1024**3
+        return max(int(budget // block_bytes), 1)
+
+    def _fit_max_model_len(self, model_max_len: int, num_blocks: int) -> int:
+        capacity = num_blocks * self.config.block_size
+        if capacity >= model_max_len:
+            return model_max_len
+        if self.config.max_model_len is not None:
+            raise ValueError(
+                f"max_model_len ({self.config.max_model_len}) needs {-(-model_max_len // self.config.block_size)} "
+                f"KV blocks but only {num_blocks} fit; raise the KV budget or lower max_model_len"
+            )
+        logger.warning("max_model_len lowered from %d to the KV cache capacity %d", model_max_len, capacity)
+        return capacity
+
+
+def _request_metrics(request: Request) -> RequestMetrics:
+    times = request.times
+    return RequestMetrics(
+        arrival_time=times.arrival,
+        first_scheduled_time=times.first_scheduled,
+        first_token_time=times.first_token,
+        finished_time=times.finished,
+        num_prompt_tokens=len(request.prompt_token_ids),
+        num_generation_tokens=sum(seq.num_output_tokens for seq in request.seqs),
+    )

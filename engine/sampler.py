@@ -1,0 +1,138 @@
+"""Batched sampling: penalties, temperature, top-k/top-p/min-p and per-request seeds in one pass."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from engine.sequence import Sequence
+
+
+@dataclass
+class TokenLogprobs:
+    """Log-probabilities (from the raw model logits) of the sampled token and the top candidates."""
+
+    token_id: int
+    logprob: float
+    rank: int
+    top_ids: list[int]
+    top_logprobs: list[float]
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    logprobs: list[Optional[TokenLogprobs]]
+
+
+class Sampler:
+    def __init__(self, vocab_size: int, eos_token_ids: list[int], seed: int) -> None:
+        self.vocab_size = vocab_size
+        self.eos_token_ids = eos_token_ids
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
+        logits = logits[:, : self.vocab_size].float()
+        raw_logprobs = logits.log_softmax(dim=-1) if any(s.params.logprobs is not None for s in seqs) else None
+        logits = self._apply_penalties(logits, seqs)
+        logits = self._apply_min_tokens(logits, seqs)
+        if all(s.params.greedy for s in seqs):
+            token_ids = logits.argmax(dim=-1)
+        else:
+            token_ids = self._sample(logits, seqs)
+        token_list = token_ids.tolist()
+        return SamplerOutput(token_list, _gather_logprobs(raw_logprobs, token_ids, seqs))
+
+    def _apply_penalties(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        rows = [i for i, s in enumerate(seqs) if _has_penalty(s)]
+        if not rows:
+            return logits
+        sub = logits[rows]
+        output_counts = _token_counts([seqs[i].output_token_ids for i in rows], self.vocab_size)
+        seen = _token_counts([seqs[i].token_ids for i in rows], self.vocab_size) > 0
+        repetition = torch.tensor([seqs[i].params.repetition_penalty for i in rows]).unsqueeze(1)
+        penalised = torch.where(sub > 0, sub / repetition, sub * repetition)
+        sub = torch.where(seen, penalised, sub)
+        frequency = torch.tensor([seqs[i].params.frequency_penalty for i in rows]).unsqueeze(1)
+        presence = torch.tensor([seqs[i].params.presence_penalty for i in rows]).unsqueeze(1)
+        sub = sub - frequency * output_counts - presence * (output_counts > 0)
+        logits[rows] = sub
+        return logits
+
+    def _apply_min_tokens(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        for i, seq in enumerate(seqs):
+            if seq.num_output_tokens < seq.params.min_tokens:
+                banned = seq.params.stop_token_ids + ([] if seq.params.ignore_eos else self.eos_token_ids)
+                logits[i, banned] = float("-inf")
+        return logits
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        greedy = torch.tensor([s.params.greedy for s in seqs])
+        greedy_ids = logits.argmax(dim=-1)
+        temperature = torch.tensor([s.params.temperature or 1.0 for s in seqs]).unsqueeze(1)
+        logits = _filter_top_k_top_p_min_p(logits / temperature, seqs)
+        probs = logits.softmax(dim=-1)
+        noise = torch.empty_like(probs).exponential_(generator=self.generator)
+        for i, seq in enumerate(seqs):
+            if seq.generator is not None:
+                noise[i].exponential_(generator=seq.generator)
+        sampled = (probs / noise).argmax(dim=-1)
+        return torch.where(greedy, greedy_ids, sampled)
+
+
+def _has_penalty(seq: Sequence) -> bool:
+    p = seq.params
+    return p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
+
+
+def _token_counts(token_lists: list[list[int]], vocab_size: int) -> torch.Tensor:
+    width = max(len(ids) for ids in token_lists)
+    padded = torch.full((len(token_lists), width), vocab_size, dtype=torch.long)
+    for row, ids in enumerate(token_lists):
+        padded[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+    counts = torch.zeros(len(token_lists), vocab_size + 1)
+    counts.scatter_add_(1, padded, torch.ones_like(padded, dtype=counts.dtype))
+    return counts[:, :vocab_size]
+
+
+def _filter_top_k_top_p_min_p(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    params = [s.params for s in seqs]
+    if all(p.top_k == -1 and p.top_p == 1.0 and p.min_p == 0.0 for p in params):
+        return logits
+    vocab = logits.shape[1]
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params]).unsqueeze(1)
+    drop = torch.arange(vocab).unsqueeze(0) >= top_k
+    sorted_probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
+    top_p = torch.tensor([p.top_p for p in params]).unsqueeze(1)
+    drop |= (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p
+    min_p = torch.tensor([p.min_p for p in params]).unsqueeze(1)
+    drop |= sorted_probs < min_p * sorted_probs[:, :1]
+    drop[:, 0] = False
+    return logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+
+
+def _gather_logprobs(
+    raw_logprobs: Optional[torch.Tensor], token_ids: torch.Tensor, seqs: list[Sequence]
+) -> list[Optional[TokenLogprobs]]:
+    if raw_logprobs is None:
+        return [None] * len(seqs)
+    chosen = raw_logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)
+    ranks = (raw_logprobs > chosen.unsqueeze(1)).sum(dim=1) + 1
+    max_top = max(s.params.logprobs or 0 for s in seqs)
+    top_values, top_ids = raw_logprobs.topk(max_top, dim=-1) if max_top else (None, None)
+    results: list[Optional[TokenLogprobs]] = []
+    for i, seq in enumerate(seqs):
+        count = seq.params.logprobs
+        if count is None:
+            results.append(None)
+            continue
+        results.append(TokenLogprobs(
+            token_id=int(token_ids[i]),
+            logprob=float(chosen[i]),
+            rank=int(ranks[i]),
+            top_ids=top_ids[i, :count].tolist() if count else [],
+            top_logprobs=top_values[i, :count].tolist() if count else [],
+        ))
+    return results

@@ -1,0 +1,110 @@
+"""Continuous batching: each step takes running sequences first, then waiting ones, first come first served.
+
+A step spends at most `max_num_batched_tokens` tokens, so long prompts are prefilled in chunks that
+share a step with running decodes. When the KV cache runs out, the newest running sequence is
+preempted: its blocks are freed and it is recomputed later from its tokens.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from engine.block_manager import BlockManager
+from engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledSeq:
+    seq: Sequence
+    num_new_tokens: int
+
+    @property
+    def completes_prompt(self) -> bool:
+        """True when this step computes the sequence's last known token, so a new one is sampled."""
+        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSeq]
+    num_preempted: int
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(item.num_new_tokens for item in self.scheduled)
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.max_num_batched_tokens
+        scheduled, num_preempted = self._schedule_running(budget)
+        budget -= sum(item.num_new_tokens for item in scheduled)
+        if not num_preempted:
+            scheduled += self._schedule_waiting(budget)
+        return SchedulerOutput(scheduled, num_preempted)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Take `seq` out of the queues, mark it finished and release its blocks."""
+        if seq.status == SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status == SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        seq.finish(reason)
+        self.block_manager.free(seq)
+
+    def _schedule_running(self, budget: int) -> tuple[list[ScheduledSeq], int]:
+        scheduled: list[ScheduledSeq] = []
+        num_preempted = 0
+        index = 0
+        while index < len(self.running) and budget > 0:
+            seq = self.running[index]
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not self.block_manager.allocate(seq, num_new):
+                victim = self.running[-1]
+                self._preempt(victim)
+                num_preempted += 1
+                if victim is seq:
+                    break
+            if seq.status != SequenceStatus.RUNNING:
+                break
+            scheduled.append(ScheduledSeq(seq, num_new))
+            budget -= num_new
+            index += 1
+        return scheduled, num_preempted
+
+    def _schedule_waiting(self, budget: int) -> list[ScheduledSeq]:
+        scheduled: list[ScheduledSeq] = []
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            cached_prefix = self.block_manager.find_cached_prefix(seq)
+            num_cached = len(cached_prefix) * self.block_manager.block_size
+            num_new = min(seq.num_tokens - num_cached, budget)
+            if not self.block_manager.allocate(seq, num_new, cached_prefix):
+                break
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            scheduled.append(ScheduledSeq(seq, num_new))
+            budget -= num_new
+        return scheduled
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        seq.reset_for_recompute()
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1

@@ -1,0 +1,109 @@
+"""The state of a request and of each of its sequences (one per completion, `n` in all)."""
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+import torch
+
+from engine.outputs import Logprob
+from engine.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class DetokenizerState:
+    output_text: str = ""
+    prefix_offset: int = 0
+    read_offset: int = 0
+    num_text_emitted: int = 0
+    stop_reason: Union[int, str, None] = None
+
+
+_seq_counter = itertools.count()
+
+
+class Sequence:
+    def __init__(self, request: "Request", index: int) -> None:
+        self.seq_id = next(_seq_counter)
+        self.request = request
+        self.index = index
+        self.params = request.params
+        self.token_ids: list[int] = list(request.prompt_token_ids)
+        self.num_prompt_tokens = len(self.token_ids)
+        self.block_table: list[int] = []
+        self.num_hashed_blocks = 0
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = 0
+        self.status = SequenceStatus.WAITING
+        self.finish_reason: Optional[str] = None
+        self.logprobs: list[dict[int, Logprob]] = []
+        self.num_emitted_tokens = 0
+        self.detok = DetokenizerState(
+            prefix_offset=max(self.num_prompt_tokens - 5, 0), read_offset=self.num_prompt_tokens
+        )
+        self.generator = _make_generator(self.params.seed, index)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == SequenceStatus.FINISHED
+
+    def finish(self, reason: str) -> None:
+        self.status = SequenceStatus.FINISHED
+        self.finish_reason = reason
+
+    def reset_for_recompute(self) -> None:
+        self.num_computed_tokens = 0
+        self.status = SequenceStatus.WAITING
+
+
+@dataclass
+class RequestTimes:
+    arrival: float = field(default_factory=time.monotonic)
+    first_scheduled: Optional[float] = None
+    first_token: Optional[float] = None
+    finished: Optional[float] = None
+
+
+class Request:
+    def __init__(
+        self, request_id: str, prompt: Optional[str], prompt_token_ids: list[int], params: SamplingParams
+    ) -> None:
+        self.request_id = request_id
+        self.prompt = prompt
+        self.prompt_token_ids = prompt_token_ids
+        self.params = params
+        self.times = RequestTimes()
+        self.seqs = [Sequence(self, index) for index in range(params.n)]
+
+    @property
+    def is_finished(self) -> bool:
+        return all(seq.is_finished for seq in self.seqs)
+
+
+def _make_generator(seed: Optional[int], index: int) -> Optional[torch.Generator]:
+    if seed is None:
+        return None
+    generator = torch.Generator()
+    generator.manual_seed(seed + index)
+    return generator
