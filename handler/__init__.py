@@ -1,0 +1,1 @@
+"""pagedserve's TorchServe side: the async OpenAI handler, its metrics bridge and the launcher."""

@@ -1,0 +1,115 @@
+"""Shared fixtures: tiny random-weight Hugging Face models, the embedded SmolLM2, engine caching and
+the check that every test leaves all KV blocks free."""
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+import torch
+
+from engine import LLM
+from engine.loader import default_model_path
+
+TINY_COMMON = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    vocab_size=49152,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+TINY_CONFIGS: dict[str, dict[str, Any]] = {
+    "llama": dict(model_type="llama", rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False),
+    "llama3": dict(
+        model_type="llama",
+        rope_theta=500000.0,
+        rope_scaling={
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+        tie_word_embeddings=True,
+    ),
+    "mistral": dict(model_type="mistral", num_key_value_heads=1, sliding_window=None, rope_theta=1e6),
+    "qwen2": dict(model_type="qwen2", num_key_value_heads=4, tie_word_embeddings=True, rope_theta=1e6),
+}
+
+_live_llms: list[LLM] = []
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_path: Path) -> Path:
+    """SmolLM2's tokenizer saved as a Hugging Face folder, shared by the tiny models."""
+    from transformers import AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("tokenizer")
+    AutoTokenizer.from_pretrained(str(smollm2_path.parent), gguf_file=smollm2_path.name).save_pretrained(folder)
+    return folder
+
+
+def build_tiny_model(kind: str, folder: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
+    """Save a random-weight model of `kind` with transformers, plus the shared tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    settings = {**TINY_COMMON, **TINY_CONFIGS[kind]}
+    config = AutoConfig.for_model(settings.pop("model_type"), **settings)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.uniform_(0.5, 1.5)
+            elif name.endswith("bias"):
+                param.normal_(0.0, 0.1)
+    model.save_pretrained(folder)
+    for file in tokenizer_dir.iterdir():
+        (folder / file.name).write_bytes(file.read_bytes())
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Callable[[str], Path]:
+    cache: dict[str, Path] = {}
+
+    def get(kind: str) -> Path:
+        if kind not in cache:
+            cache[kind] = build_tiny_model(kind, tmp_path_factory.mktemp(f"tiny-{kind}"), tokenizer_dir)
+        return cache[kind]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def llm_factory() -> Iterator[Callable[..., LLM]]:
+    """Engines are costly to build: one per distinct set of arguments, for the whole session."""
+    cache: dict[str, LLM] = {}
+
+    def make(model: Any = None, **kwargs: Any) -> LLM:
+        key = repr((str(model), sorted(kwargs.items())))
+        if key not in cache:
+            cache[key] = LLM(model=str(model) if model else None, **kwargs)
+            _live_llms.append(cache[key])
+        return cache[key]
+
+    yield make
+    _live_llms.clear()
+    cache.clear()
+    gc.collect()
+
+
+@pytest.fixture(autouse=True)
+def all_blocks_free_after_test() -> Iterator[None]:
+    yield
+    for llm in _live_llms:
+        stats = llm.engine.stats()
+        assert not llm.engine.has_unfinished_requests(), "a request was left in the engine"
+        assert stats.blocks.num_free_blocks == stats.blocks.num_total_blocks, f"KV blocks leaked: {stats.blocks}"
