@@ -1,0 +1,313 @@
+"""Offline throughput benchmark: pagedserve's `LLM.generate` against Hugging Face transformers.
+
+Every system generates greedily (ignore EOS) for the same seeded random token-id prompts, on the
+embedded SmolLM2-135M-Instruct GGUF model, after an untimed warm-up. Workloads:
+
+* W  -- `--num-requests` x `--input-len` prompt tokens x `--output-len` output tokens (64 x 128 x 128);
+* W1 -- 1 x 128 x 128, a single-request latency-bound run (`--skip-w1` leaves it out).
+
+Peers: `transformers` (static batching, one left-padded `model.generate` call over the whole batch)
+and `transformers-paged` (transformers' own continuous batching, `model.generate_batch`, when the
+installed version has it). Results are printed as a table, then as JSON (also written to `--json`).
+
+Example: .venv/bin/python scripts/bench_offline.py --num-requests 4 --input-len 16 --output-len 8
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from engine import LLM, SamplingParams
+from engine.loader import default_model_path
+
+OURS = "pagedserve"
+PEERS = ("transformers", "transformers-paged")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+MIN_TOKEN_ID = 1000  # ids below this hold SmolLM2's special and byte-level tokens
+WARMUP_REQUESTS = 2
+WARMUP_TOKENS = 8
+
+# Generates greedily for every prompt, `output_len` tokens each; returns the output-token count.
+GenerateFn = Callable[[list[list[int]], int], int]
+
+
+@dataclass
+class Workload:
+    name: str
+    prompts: list[list[int]]
+    output_len: int
+
+    @property
+    def num_requests(self) -> int:
+        return len(self.prompts)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(len(prompt) for prompt in self.prompts)
+
+
+@dataclass
+class Result:
+    workload: str
+    system: str
+    num_requests: int
+    input_len: int
+    output_len: int
+    wall_s: float
+    output_tok_s: float
+    total_tok_s: float
+    ours_over_system: Optional[float] = None
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num-requests", type=int, default=64, help="requests in workload W")
+    parser.add_argument("--input-len", type=int, default=128, help="prompt tokens per request in W")
+    parser.add_argument("--output-len", type=int, default=128, help="output tokens per request in W")
+    parser.add_argument("--skip-w1", action="store_true", help="skip the 1 x 128 x 128 workload W1")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="for our engine and the peers")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads value")
+    parser.add_argument("--peers", nargs="*", choices=PEERS, default=list(PEERS), help="systems to compare with")
+    parser.add_argument("--json", type=Path, help="also write the results as JSON to this path")
+    parser.add_argument("--max-num-seqs", type=int, help="our engine's max_num_seqs")
+    parser.add_argument("--max-num-batched-tokens", type=int, help="our engine's max_num_batched_tokens")
+    return parser.parse_args()
+
+
+def random_prompts(num_requests: int, input_len: int, vocab_size: int, seed: int) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(MIN_TOKEN_ID, vocab_size, (num_requests, input_len), generator=generator)
+    return ids.tolist()
+
+
+def build_workloads(args: argparse.Namespace, vocab_size: int) -> list[Workload]:
+    """W, then W1 unless skipped; distinct seeds so that no prompt can hit another run's prefix cache."""
+    workloads = [Workload("W", random_prompts(args.num_requests, args.input_len, vocab_size, seed=0), args.output_len)]
+    if not args.skip_w1:
+        workloads.append(Workload("W1", random_prompts(1, 128, vocab_size, seed=1), 128))
+    return workloads
+
+
+def command_output(command: list[str]) -> Optional[str]:
+    try:
+        return subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def cpu_model() -> str:
+    for line in (command_output(["lscpu"]) or "").splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "Model name":
+            return value.strip()
+    return platform.processor() or platform.machine()
+
+
+def run_context(args: argparse.Namespace) -> dict[str, Any]:
+    """What a recorded result needs next to it: machine, software, settings, date and commit."""
+    commit = command_output(["git", "rev-parse", "--short", "HEAD"])
+    return {
+        "machine": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": _transformers_version(),
+        "python": platform.python_version(),
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "git_commit": commit.strip() if commit else "unknown",
+        "model": default_model_path().name,
+        "dtype": args.dtype,
+        "max_num_seqs": args.max_num_seqs,
+        "max_num_batched_tokens": args.max_num_batched_tokens,
+    }
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+def ours_generate(args: argparse.Namespace) -> GenerateFn:
+    engine_args: dict[str, Any] = {"dtype": args.dtype}
+    if args.max_num_seqs is not None:
+        engine_args["max_num_seqs"] = args.max_num_seqs
+    if args.max_num_batched_tokens is not None:
+        engine_args["max_num_batched_tokens"] = args.max_num_batched_tokens
+    llm = LLM(model=None, **engine_args)
+
+    def generate(prompts: list[list[int]], output_len: int) -> int:
+        params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        return sum(len(output.outputs[0].token_ids) for output in outputs)
+
+    return generate
+
+
+def load_peer_model(dtype: str) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    path = default_model_path()
+    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=DTYPES[dtype]).eval()
+
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(prompt) for prompt in prompts)
+    ids = [[pad_id] * (width - len(prompt)) + prompt for prompt in prompts]
+    mask = [[0] * (width - len(prompt)) + [1] * len(prompt) for prompt in prompts]
+    return torch.tensor(ids), torch.tensor(mask)
+
+
+def transformers_generate(args: argparse.Namespace) -> GenerateFn:
+    """Static batching: the whole batch in one `generate` call, exactly `output_len` new tokens each."""
+    model = load_peer_model(args.dtype)
+    pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+
+    def generate(prompts: list[list[int]], output_len: int) -> int:
+        input_ids, attention_mask = left_pad(prompts, pad_id)
+        output = model.generate(
+            input_ids,
+            attention_mask=attention_mask,
+            do_sample=False,
+            max_new_tokens=output_len,
+            min_new_tokens=output_len,
+            eos_token_id=None,
+            pad_token_id=pad_id,
+        )
+        return output[:, input_ids.shape[1] :].numel()
+
+    return generate
+
+
+def transformers_paged_generate(args: argparse.Namespace) -> Optional[GenerateFn]:
+    """transformers' continuous batching with a paged KV cache; None when this version lacks it."""
+    from transformers import GenerationConfig, PreTrainedModel
+
+    if not hasattr(PreTrainedModel, "generate_batch"):
+        return None
+    model = load_peer_model(args.dtype)
+
+    def generate(prompts: list[list[int]], output_len: int) -> int:
+        # eos_token_id=-1 disables EOS in generate_batch (None would fall back to the model's EOS).
+        config = GenerationConfig(do_sample=False, max_new_tokens=output_len, eos_token_id=-1)
+        outputs = model.generate_batch(prompts, generation_config=config)
+        failed = [output.error for output in outputs.values() if output.error is not None]
+        if failed or len(outputs) != len(prompts):
+            raise RuntimeError(f"generate_batch: {len(outputs)}/{len(prompts)} results, errors {failed}")
+        return sum(len(output.generated_tokens) for output in outputs.values())
+
+    return generate
+
+
+SYSTEMS: dict[str, Callable[[argparse.Namespace], Optional[GenerateFn]]] = {
+    OURS: ours_generate,
+    "transformers": transformers_generate,
+    "transformers-paged": transformers_paged_generate,
+}
+
+
+def time_workload(system: str, generate: GenerateFn, workload: Workload) -> Result:
+    start = time.perf_counter()
+    produced = generate(workload.prompts, workload.output_len)
+    wall_s = time.perf_counter() - start
+    expected = workload.num_requests * workload.output_len
+    assert produced == expected, f"{system} on {workload.name}: {produced} output tokens, expected {expected}"
+    return Result(
+        workload=workload.name,
+        system=system,
+        num_requests=workload.num_requests,
+        input_len=len(workload.prompts[0]),
+        output_len=workload.output_len,
+        wall_s=wall_s,
+        output_tok_s=produced / wall_s,
+        total_tok_s=(produced + workload.prompt_tokens) / wall_s,
+    )
+
+
+def bench_system(
+    system: str, args: argparse.Namespace, warmup: Workload, workloads: list[Workload]
+) -> list[Result]:
+    """Load `system`, warm it up untimed, time every workload, then free it before the next system."""
+    print(f"[{system}] loading", flush=True)
+    generate = SYSTEMS[system](args)
+    if generate is None:
+        print(f"[{system}] skipped: the installed transformers has no generate_batch", flush=True)
+        return []
+    generate(warmup.prompts, warmup.output_len)
+    results = []
+    for workload in workloads:
+        print(f"[{system}] timing {workload.name}", flush=True)
+        results.append(time_workload(system, generate, workload))
+    del generate
+    gc.collect()
+    return results
+
+
+def add_ratios(results: list[Result]) -> None:
+    """ours / system output throughput, per workload (1.0 on our own rows)."""
+    ours = {result.workload: result.output_tok_s for result in results if result.system == OURS}
+    for result in results:
+        if result.workload in ours:
+            result.ours_over_system = ours[result.workload] / result.output_tok_s
+
+
+def print_context(context: dict[str, Any]) -> None:
+    for key, value in context.items():
+        print(f"{key:>22}: {value}")
+
+
+def print_table(results: list[Result]) -> None:
+    header = f"{'workload':<8} {'system':<18} {'reqs':>5} {'in':>5} {'out':>5} {'wall s':>8} " \
+             f"{'out tok/s':>10} {'total tok/s':>12} {'ours/sys':>9}"
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        ratio = f"{r.ours_over_system:.2f}" if r.ours_over_system is not None else "-"
+        print(
+            f"{r.workload:<8} {r.system:<18} {r.num_requests:>5} {r.input_len:>5} {r.output_len:>5} "
+            f"{r.wall_s:>8.2f} {r.output_tok_s:>10.1f} {r.total_tok_s:>12.1f} {ratio:>9}"
+        )
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    context = run_context(args)
+    print_context(context)
+
+    from transformers import AutoConfig
+
+    path = default_model_path()
+    vocab_size = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name).vocab_size
+    workloads = build_workloads(args, vocab_size)
+    warmup = Workload("warmup", random_prompts(WARMUP_REQUESTS, min(args.input_len, 16), vocab_size, seed=2),
+                      WARMUP_TOKENS)
+
+    results: list[Result] = []
+    for system in [OURS, *dict.fromkeys(args.peers)]:
+        results.extend(bench_system(system, args, warmup, workloads))
+    add_ratios(results)
+
+    print()
+    print_table(results)
+    report = {"context": context, "results": [asdict(result) for result in results]}
+    text = json.dumps(report, indent=2)
+    print()
+    print(text)
+    if args.json:
+        args.json.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
