@@ -48,6 +48,10 @@ class AsyncLLMEngine:
         return cls(LLMEngine(config))
 
     @property
+    def is_running(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
     def tokenizer(self) -> Any:
         return self.engine.tokenizer
 

@@ -90,14 +90,14 @@ def _load_checkpoint(model: LlamaForCausalLM, source: ModelSource, config: Model
 
 
 def _safetensors_weights(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     for file in _safetensors_files(folder):
         try:
             with safe_open(str(file), framework="pt") as reader:
                 for name in reader.keys():
                     yield name, reader.get_tensor(name)
-        except (OSError, RuntimeError, ValueError) as exc:
+        except (OSError, SafetensorError) as exc:
             raise ValueError(f"{file}: cannot read safetensors file ({exc})") from exc
 
 

@@ -192,9 +192,9 @@ def transformers_generate(args: argparse.Namespace) -> GenerateFn:
 
 def transformers_paged_generate(args: argparse.Namespace) -> Optional[GenerateFn]:
     """transformers' continuous batching with a paged KV cache; None when this version lacks it."""
-    from transformers import GenerationConfig, PreTrainedModel
+    from transformers import GenerationConfig, GenerationMixin
 
-    if not hasattr(PreTrainedModel, "generate_batch"):
+    if not hasattr(GenerationMixin, "generate_batch"):
         return None
     model = load_peer_model(args.dtype)
 

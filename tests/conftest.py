@@ -38,7 +38,7 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "qwen2": dict(model_type="qwen2", num_key_value_heads=4, tie_word_embeddings=True, rope_theta=1e6),
 }
 
-_live_llms: list[LLM] = []
+_live_engines: list[Any] = []  # LLM or AsyncLLMEngine: anything with an `.engine`
 
 
 @pytest.fixture(scope="session")
@@ -97,11 +97,11 @@ def llm_factory() -> Iterator[Callable[..., LLM]]:
         key = repr((str(model), sorted(kwargs.items())))
         if key not in cache:
             cache[key] = LLM(model=str(model) if model else None, **kwargs)
-            _live_llms.append(cache[key])
+            _live_engines.append(cache[key])
         return cache[key]
 
     yield make
-    _live_llms.clear()
+    _live_engines.clear()
     cache.clear()
     gc.collect()
 
@@ -109,7 +109,13 @@ def llm_factory() -> Iterator[Callable[..., LLM]]:
 @pytest.fixture(autouse=True)
 def all_blocks_free_after_test() -> Iterator[None]:
     yield
-    for llm in _live_llms:
-        stats = llm.engine.stats()
-        assert not llm.engine.has_unfinished_requests(), "a request was left in the engine"
+    for live in _live_engines:
+        stats = live.engine.stats()
+        assert not live.engine.has_unfinished_requests(), "a request was left in the engine"
         assert stats.blocks.num_free_blocks == stats.blocks.num_total_blocks, f"KV blocks leaked: {stats.blocks}"
+
+
+def track_engine(live: Any) -> Any:
+    """Include an engine built outside `llm_factory` in the after-test block check."""
+    _live_engines.append(live)
+    return live
