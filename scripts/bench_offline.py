@@ -238,7 +238,7 @@ def time_workload(system: str, generate: GenerateFn, workload: Workload) -> Resu
 def bench_system(
     system: str, args: argparse.Namespace, warmup: Workload, workloads: list[Workload]
 ) -> list[Result]:
-    """Load `system`, warm it up untimed, time every workload, then free it before the next system."""
+    """Load `system`, warm it up untimed, then time every workload."""
     print(f"[{system}] loading", flush=True)
     generate = SYSTEMS[system](args)
     if generate is None:
@@ -249,8 +249,6 @@ def bench_system(
     for workload in workloads:
         print(f"[{system}] timing {workload.name}", flush=True)
         results.append(time_workload(system, generate, workload))
-    del generate
-    gc.collect()
     return results
 
 
@@ -268,8 +266,10 @@ def print_context(context: dict[str, Any]) -> None:
 
 
 def print_table(results: list[Result]) -> None:
-    header = f"{'workload':<8} {'system':<18} {'reqs':>5} {'in':>5} {'out':>5} {'wall s':>8} " \
-             f"{'out tok/s':>10} {'total tok/s':>12} {'ours/sys':>9}"
+    header = (
+        f"{'workload':<8} {'system':<18} {'reqs':>5} {'in':>5} {'out':>5} {'wall s':>8} "
+        f"{'out tok/s':>10} {'total tok/s':>12} {'ours/sys':>9}"
+    )
     print(header)
     print("-" * len(header))
     for r in results:
@@ -291,12 +291,13 @@ def main() -> None:
     path = default_model_path()
     vocab_size = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name).vocab_size
     workloads = build_workloads(args, vocab_size)
-    warmup = Workload("warmup", random_prompts(WARMUP_REQUESTS, min(args.input_len, 16), vocab_size, seed=2),
-                      WARMUP_TOKENS)
+    warmup_prompts = random_prompts(WARMUP_REQUESTS, min(args.input_len, 16), vocab_size, seed=2)
+    warmup = Workload("warmup", warmup_prompts, WARMUP_TOKENS)
 
     results: list[Result] = []
     for system in [OURS, *dict.fromkeys(args.peers)]:
         results.extend(bench_system(system, args, warmup, workloads))
+        gc.collect()  # free this system's model and KV cache before loading the next one
     add_ratios(results)
 
     print()
