@@ -60,9 +60,9 @@ def decode_attention(
     batch, num_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     num_blocks = -(-max_context_len // block_size)
-    tables = block_tables[:, :num_blocks]
-    keys = k_cache[tables].view(batch, num_blocks * block_size, num_kv_heads, head_dim)
-    values = v_cache[tables].view(batch, num_blocks * block_size, num_kv_heads, head_dim)
+    tables = block_tables[:, :num_blocks].flatten()
+    keys = k_cache.index_select(0, tables).view(batch, num_blocks * block_size, num_kv_heads, head_dim)
+    values = v_cache.index_select(0, tables).view(batch, num_blocks * block_size, num_kv_heads, head_dim)
     grouped = q.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
     scores = torch.einsum("bhgd,blhd->bhgl", grouped, keys).float() * scale
     padding = torch.arange(num_blocks * block_size) >= context_lens[:, None]
@@ -92,5 +92,5 @@ def prefill_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
 
 def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, context_len: int) -> torch.Tensor:
     block_size = cache.shape[1]
-    blocks = cache[block_table[: -(-context_len // block_size)]]
+    blocks = cache.index_select(0, block_table[: -(-context_len // block_size)])
     return blocks.flatten(0, 1)[:context_len]
