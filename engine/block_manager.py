@@ -32,10 +32,6 @@ class BlockStats:
     prefix_cache_queries: int
     prefix_cache_hits: int
 
-    @property
-    def usage(self) -> float:
-        return self.num_used_blocks / self.num_total_blocks
-
 
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:

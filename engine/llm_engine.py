@@ -88,15 +88,15 @@ class LLMEngine:
         return bool(self.requests)
 
     def step(self) -> list[RequestOutput]:
-        schedule = self.scheduler.schedule()
-        if not schedule.scheduled:
+        scheduled = self.scheduler.schedule()
+        if not scheduled:
             return []
         now = time.monotonic()
-        for item in schedule.scheduled:
+        for item in scheduled:
             times = item.seq.request.times
             times.first_scheduled = times.first_scheduled or now
-        sampled_seqs, sampled = self.runner.execute(schedule.scheduled)
-        for item in schedule.scheduled:
+        sampled_seqs, sampled = self.runner.execute(scheduled)
+        for item in scheduled:
             item.seq.num_computed_tokens += item.num_new_tokens
         for seq, token_id, logprobs in zip(sampled_seqs, sampled.token_ids, sampled.logprobs):
             self._append_token(seq, token_id, logprobs)

@@ -24,16 +24,6 @@ class ScheduledSeq:
         return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
 
 
-@dataclass
-class SchedulerOutput:
-    scheduled: list[ScheduledSeq]
-    num_preempted: int
-
-    @property
-    def num_batched_tokens(self) -> int:
-        return sum(item.num_new_tokens for item in self.scheduled)
-
-
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
         self.block_manager = block_manager
@@ -49,13 +39,14 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self) -> list[ScheduledSeq]:
+        """This step's sequences with their token counts; waiting ones join only if nothing was preempted."""
         budget = self.max_num_batched_tokens
         scheduled, num_preempted = self._schedule_running(budget)
         budget -= sum(item.num_new_tokens for item in scheduled)
         if not num_preempted:
             scheduled += self._schedule_waiting(budget)
-        return SchedulerOutput(scheduled, num_preempted)
+        return scheduled
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Take `seq` out of the queues, mark it finished and release its blocks."""

@@ -52,11 +52,11 @@ def test_chunk_boundaries_mix_prefill_and_decode_in_one_step(tiny_model, llm_fac
     engine.add_request(engine.make_request("short", short, GREEDY))
     engine.step()
     engine.add_request(engine.make_request("long", long, GREEDY))
-    schedule = engine.scheduler.schedule()
-    new_tokens = {item.seq.request.request_id: item.num_new_tokens for item in schedule.scheduled}
+    scheduled = engine.scheduler.schedule()
+    new_tokens = {item.seq.request.request_id: item.num_new_tokens for item in scheduled}
     assert new_tokens == {"short": 1, "long": 31}
-    engine.runner.execute(schedule.scheduled)
-    for item in schedule.scheduled:
+    engine.runner.execute(scheduled)
+    for item in scheduled:
         item.seq.num_computed_tokens += item.num_new_tokens
     engine.abort("short")
     engine.abort("long")
