@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -11,7 +12,8 @@ class AttentionMetadata:
     """Sequences are laid out decodes first (one query token each), then prefill chunks.
 
     `context_lens` counts the tokens of each sequence in the cache once this step's tokens are
-    written; the query tokens of a sequence are the last `query_lens[i]` of its context.
+    written; the query tokens of sequence i are the last `query_start_loc[i + 1] - query_start_loc[i]`
+    of its context. The `*_cpu` fields are host copies for the loops that need them.
     """
 
     slot_mapping: torch.Tensor
@@ -19,9 +21,16 @@ class AttentionMetadata:
     context_lens: torch.Tensor
     query_start_loc: torch.Tensor
     num_decodes: int
-    query_lens_cpu: list[int]
+    query_start_loc_cpu: list[int]
     context_lens_cpu: list[int]
 
     @property
     def num_seqs(self) -> int:
-        return len(self.query_lens_cpu)
+        return len(self.context_lens_cpu)
+
+    @cached_property
+    def decode_padding_mask(self) -> torch.Tensor:
+        """[num_decodes, longest decode context]: True past the end of each decode's context."""
+        longest = max(self.context_lens_cpu[: self.num_decodes])
+        positions = torch.arange(longest, device=self.context_lens.device)
+        return positions >= self.context_lens[: self.num_decodes, None]

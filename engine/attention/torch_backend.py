@@ -31,14 +31,13 @@ def paged_attention(
     num_decodes = metadata.num_decodes
     if num_decodes:
         out[:num_decodes] = decode_attention(
-            q[:num_decodes], k_cache, v_cache, metadata.block_tables[:num_decodes],
-            metadata.context_lens[:num_decodes], max(metadata.context_lens_cpu[:num_decodes]), scale,
+            q[:num_decodes], k_cache, v_cache, metadata.block_tables[:num_decodes], metadata.decode_padding_mask, scale
         )
-    starts = metadata.query_start_loc.tolist()
+    starts = metadata.query_start_loc_cpu
     for i in range(num_decodes, metadata.num_seqs):
         query = slice(starts[i], starts[i + 1])
-        query_len, context_len = metadata.query_lens_cpu[i], metadata.context_lens_cpu[i]
-        if query_len == context_len:
+        context_len = metadata.context_lens_cpu[i]
+        if starts[i + 1] - starts[i] == context_len:
             keys, values = k[query], v[query]
         else:
             keys = _gather_context(k_cache, metadata.block_tables[i], context_len)
@@ -52,23 +51,22 @@ def decode_attention(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     block_tables: torch.Tensor,
-    context_lens: torch.Tensor,
-    max_context_len: int,
+    padding_mask: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    """One query token per sequence, q [B, Hq, D], over contexts padded to `max_context_len`."""
+    """One query token per sequence, q [B, Hq, D]; `padding_mask` [B, L] marks positions past each context."""
     batch, num_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
-    num_blocks = -(-max_context_len // block_size)
+    context_len = padding_mask.shape[1]
+    num_blocks = -(-context_len // block_size)
     tables = block_tables[:, :num_blocks].flatten()
     keys = k_cache.index_select(0, tables).view(batch, num_blocks * block_size, num_kv_heads, head_dim)
     values = v_cache.index_select(0, tables).view(batch, num_blocks * block_size, num_kv_heads, head_dim)
     grouped = q.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    scores = torch.einsum("bhgd,blhd->bhgl", grouped, keys).float() * scale
-    padding = torch.arange(num_blocks * block_size) >= context_lens[:, None]
-    scores.masked_fill_(padding[:, None, None, :], float("-inf"))
+    scores = torch.einsum("bhgd,blhd->bhgl", grouped, keys[:, :context_len]).float() * scale
+    scores.masked_fill_(padding_mask[:, None, None, :], float("-inf"))
     probs = scores.softmax(dim=-1).to(q.dtype)
-    return torch.einsum("bhgl,blhd->bhgd", probs, values).reshape(batch, num_heads, head_dim)
+    return torch.einsum("bhgl,blhd->bhgd", probs, values[:, :context_len]).reshape(batch, num_heads, head_dim)
 
 
 def prefill_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:

@@ -19,7 +19,7 @@ class Attention(nn.Module):
         self.v_cache = torch.empty(0)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
-        """q [T, Hq*D], k and v [T, Hkv*D] -> [T, Hq*D]."""
+        """q [T, Hq, D], k and v [T, Hkv, D] (heads may come flattened) -> [T, Hq*D]."""
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)

@@ -36,10 +36,12 @@ class LlamaAttention(nn.Module):
         self.attn = Attention(config.num_heads, config.num_kv_heads, config.head_dim)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
-        q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        num_tokens = hidden.shape[0]
-        q, k = self.rotary(positions, q.view(num_tokens, -1, self.attn.head_dim), k.view(num_tokens, -1, self.attn.head_dim))
-        return self.o_proj(self.attn(q, k, v, metadata))
+        qkv = self.qkv_proj(hidden)
+        query_key = qkv[:, : self.q_size + self.kv_size].view(hidden.shape[0], -1, self.attn.head_dim)
+        rotated = self.rotary(positions, query_key)
+        num_heads = self.attn.num_heads
+        v = qkv[:, self.q_size + self.kv_size :]
+        return self.o_proj(self.attn(rotated[:, :num_heads], rotated[:, num_heads:], v, metadata))
 
 
 class LlamaMLP(nn.Module):
