@@ -63,6 +63,7 @@ class ModelRunner:
             context_lens=context_lens.to(self.device),
             query_start_loc=query_start_loc.to(self.device),
             num_decodes=sum(1 for item in batch if item.num_new_tokens == 1),
+            block_size=self.block_size,
             query_start_loc_cpu=query_start_loc.tolist(),
             context_lens_cpu=context_lens.tolist(),
         )

@@ -36,9 +36,6 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
-    def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
-
     def schedule(self) -> list[ScheduledSeq]:
         """This step's sequences with their token counts; waiting ones join only if nothing was preempted."""
         budget = self.max_num_batched_tokens

@@ -21,6 +21,7 @@ class AttentionMetadata:
     context_lens: torch.Tensor
     query_start_loc: torch.Tensor
     num_decodes: int
+    block_size: int
     query_start_loc_cpu: list[int]
     context_lens_cpu: list[int]
 
@@ -29,8 +30,18 @@ class AttentionMetadata:
         return len(self.context_lens_cpu)
 
     @cached_property
+    def _decode_positions(self) -> torch.Tensor:
+        longest = max(self.context_lens_cpu[: self.num_decodes])
+        return torch.arange(longest, device=self.context_lens.device)
+
+    @cached_property
     def decode_padding_mask(self) -> torch.Tensor:
         """[num_decodes, longest decode context]: True past the end of each decode's context."""
-        longest = max(self.context_lens_cpu[: self.num_decodes])
-        positions = torch.arange(longest, device=self.context_lens.device)
-        return positions >= self.context_lens[: self.num_decodes, None]
+        return self._decode_positions >= self.context_lens[: self.num_decodes, None]
+
+    @cached_property
+    def decode_slots(self) -> torch.Tensor:
+        """[num_decodes, longest decode context]: the cache slot of every context position (padding included)."""
+        positions = self._decode_positions
+        blocks = self.block_tables[: self.num_decodes, positions // self.block_size]
+        return blocks * self.block_size + positions % self.block_size

@@ -31,7 +31,7 @@ def paged_attention(
     num_decodes = metadata.num_decodes
     if num_decodes:
         out[:num_decodes] = decode_attention(
-            q[:num_decodes], k_cache, v_cache, metadata.block_tables[:num_decodes], metadata.decode_padding_mask, scale
+            q[:num_decodes], k_cache, v_cache, metadata.decode_slots, metadata.decode_padding_mask, scale
         )
     starts = metadata.query_start_loc_cpu
     for i in range(num_decodes, metadata.num_seqs):
@@ -50,23 +50,23 @@ def decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    block_tables: torch.Tensor,
+    slots: torch.Tensor,
     padding_mask: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    """One query token per sequence, q [B, Hq, D]; `padding_mask` [B, L] marks positions past each context."""
+    """One query token per sequence, q [B, Hq, D], over the cache slots [B, L]; `padding_mask` marks the padding."""
     batch, num_heads, head_dim = q.shape
-    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
-    context_len = padding_mask.shape[1]
-    num_blocks = -(-context_len // block_size)
-    tables = block_tables[:, :num_blocks].flatten()
-    keys = k_cache.index_select(0, tables).view(batch, num_blocks * block_size, num_kv_heads, head_dim)
-    values = v_cache.index_select(0, tables).view(batch, num_blocks * block_size, num_kv_heads, head_dim)
+    num_kv_heads = k_cache.shape[2]
+    # Gathering (slot, head) rows yields keys already laid out [B, Hkv, L, D] for the batched matmul.
+    heads = torch.arange(num_kv_heads, device=slots.device).view(1, -1, 1)
+    rows = (slots.unsqueeze(1) * num_kv_heads + heads).flatten()
+    keys = k_cache.view(-1, head_dim).index_select(0, rows).view(batch, num_kv_heads, -1, head_dim)
+    values = v_cache.view(-1, head_dim).index_select(0, rows).view(batch, num_kv_heads, -1, head_dim)
     grouped = q.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    scores = torch.einsum("bhgd,blhd->bhgl", grouped, keys[:, :context_len]).float() * scale
+    scores = torch.matmul(grouped, keys.transpose(-1, -2)).float() * scale
     scores.masked_fill_(padding_mask[:, None, None, :], float("-inf"))
     probs = scores.softmax(dim=-1).to(q.dtype)
-    return torch.einsum("bhgl,blhd->bhgd", probs, values[:, :context_len]).reshape(batch, num_heads, head_dim)
+    return torch.matmul(probs, values).reshape(batch, num_heads, head_dim)
 
 
 def prefill_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
