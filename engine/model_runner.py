@@ -6,6 +6,7 @@ import logging
 import torch
 
 from engine.attention import AttentionMetadata
+from engine.attention.metadata import cache_slots
 from engine.models.config import ModelConfig
 from engine.models.llama import LlamaForCausalLM
 from engine.sampler import Sampler, SamplerOutput
@@ -55,7 +56,7 @@ class ModelRunner:
         seq_index = torch.repeat_interleave(torch.arange(len(batch)), query_lens)
         positions = torch.arange(len(token_ids)) - query_start_loc[seq_index] + starts[seq_index]
         block_tables = _pad_block_tables([item.seq.block_table for item in batch])
-        slots = block_tables[seq_index, positions // self.block_size] * self.block_size + positions % self.block_size
+        slots = cache_slots(block_tables, seq_index, positions, self.block_size)
         context_lens = starts + query_lens
         metadata = AttentionMetadata(
             slot_mapping=slots.to(self.device),

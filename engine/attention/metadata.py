@@ -42,6 +42,10 @@ class AttentionMetadata:
     @cached_property
     def decode_slots(self) -> torch.Tensor:
         """[num_decodes, longest decode context]: the cache slot of every context position (padding included)."""
-        positions = self._decode_positions
-        blocks = self.block_tables[: self.num_decodes, positions // self.block_size]
-        return blocks * self.block_size + positions % self.block_size
+        rows = torch.arange(self.num_decodes, device=self.block_tables.device).unsqueeze(1)
+        return cache_slots(self.block_tables, rows, self._decode_positions.unsqueeze(0), self.block_size)
+
+
+def cache_slots(block_tables: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Flat cache slots of token `positions` in the sequences `rows` of `block_tables` (broadcast together)."""
+    return block_tables[rows, positions // block_size] * block_size + positions % block_size
