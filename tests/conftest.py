@@ -12,6 +12,7 @@ import torch
 from engine import LLM
 from engine.loader import default_model_path
 
+PROMPT = [510, 3458, 282, 4649, 314, 253, 1345, 30]  # " disrong of France is a real." in the SmolLM2 vocabulary
 TINY_COMMON = dict(
     hidden_size=64,
     intermediate_size=128,

@@ -6,10 +6,9 @@ import time
 
 import pytest
 
-from conftest import track_engine
+from conftest import PROMPT, track_engine
 from engine import AsyncLLMEngine, EngineConfig, SamplingParams
 
-PROMPT = [510, 3458, 282, 4649, 314, 253, 1345, 30]
 LONG = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
 
 
@@ -62,15 +61,10 @@ def test_async_engine_streams_deltas_that_add_up(async_engine) -> None:
 
 
 def test_async_engine_serves_32_concurrent_requests(async_engine) -> None:
-    async def one(i: int) -> list[int]:
-        ids: list[int] = []
-        params = SamplingParams(temperature=0.0, max_tokens=8 + i % 5, ignore_eos=True)
-        async for out in async_engine.generate(f"concurrent-{i}", [100 + i] + PROMPT, params):
-            ids += out.outputs[0].token_ids
-        return ids
-
     async def run():
-        return await asyncio.gather(*(one(i) for i in range(32)))
+        return await asyncio.gather(
+            *(_collect(async_engine, f"concurrent-{i}", [100 + i] + PROMPT, 8 + i % 5) for i in range(32))
+        )
 
     results = asyncio.run(run())
     assert [len(ids) for ids in results] == [8 + i % 5 for i in range(32)]
@@ -80,7 +74,8 @@ def test_async_engine_serves_32_concurrent_requests(async_engine) -> None:
 
 async def _collect(engine: AsyncLLMEngine, request_id: str, prompt: list[int], max_tokens: int) -> list[int]:
     ids: list[int] = []
-    async for out in engine.generate(request_id, prompt, SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)):
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    async for out in engine.generate(request_id, prompt, params):
         ids += out.outputs[0].token_ids
     return ids
 

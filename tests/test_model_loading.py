@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import PROMPT
 from engine import LLM, SamplingParams
 from engine.loader import default_model_path, resolve_model
 
-PROMPT = [510, 3458, 282, 4649, 314, 253, 1345, 30]
 GREEDY = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
 
 

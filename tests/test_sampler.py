@@ -6,11 +6,11 @@ import math
 import pytest
 import torch
 
+from conftest import PROMPT
 from engine import SamplingParams
 from engine.sampler import Sampler
 from engine.sequence import Request
 
-PROMPT = [510, 3458, 282, 4649, 314, 253, 1345, 30]
 
 
 @pytest.fixture(scope="module")
