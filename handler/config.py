@@ -1,0 +1,74 @@
+"""The model-config YAML: TorchServe's frontend keys beside our `handler:` section, both checked for typos."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import yaml
+
+from engine.config import EngineConfig
+
+# The keys TorchServe 0.12.0's frontend and Python worker read from a model-config YAML.
+FRONTEND_KEYS = frozenset({
+    "minWorkers", "maxWorkers", "batchSize", "maxBatchDelay", "responseTimeout", "startupTimeout",
+    "deviceType", "deviceIds", "parallelType", "parallelLevel", "parallelMode", "torchrun",
+    "jobQueueSize", "useJobTicket", "maxRetryTimeoutInSec", "clientTimeoutInMills",
+    "sequenceMaxIdleMSec", "sequenceTimeoutMSec", "maxNumSequence", "maxSequenceJobQueueSize",
+    "continuousBatching", "sequenceBatching", "asyncCommunication", "useVenv", "pt2",
+})
+HANDLER_KEYS = ("model", "served_model_name", "chat_template", "engine")
+
+
+@dataclass
+class HandlerConfig:
+    """The `handler:` section. `model` omitted means the embedded SmolLM2; relative paths are under the model dir."""
+
+    model: Optional[str] = None
+    served_model_name: Optional[str] = None
+    chat_template: Optional[str] = None
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+    @classmethod
+    def from_dict(cls, section: dict[str, Any], model_dir: Optional[str] = None) -> "HandlerConfig":
+        _reject_unknown("handler", section, HANDLER_KEYS)
+        engine_values = dict(section.get("engine") or {})
+        if section.get("model") is not None and engine_values.get("model") is not None:
+            raise ValueError("handler.model and handler.engine.model are both set; keep one")
+        model = section.get("model", engine_values.pop("model", None))
+        for name in ("model", "served_model_name", "chat_template"):
+            value = model if name == "model" else section.get(name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"handler.{name} must be a non-empty string, got {value!r}")
+        model = _under_model_dir(model, model_dir)
+        engine = EngineConfig.from_dict({**engine_values, "model": model})
+        return cls(model, section.get("served_model_name"), section.get("chat_template"), engine)
+
+
+def check_model_yaml(config: dict[str, Any]) -> None:
+    """Raise ValueError naming any top-level key that neither TorchServe nor this handler reads."""
+    _reject_unknown("model-config", config, FRONTEND_KEYS | {"handler"})
+
+
+def read_model_yaml(path: str) -> dict[str, Any]:
+    with open(path) as f:
+        config = yaml.safe_load(f) or {}
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: a model-config YAML must be a mapping")
+    check_model_yaml(config)
+    return config
+
+
+def _reject_unknown(where: str, values: Any, known: Any) -> None:
+    if not isinstance(values, dict):
+        raise ValueError(f"{where} must be a mapping, got {type(values).__name__}")
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ValueError(f"unknown {where} key(s) {unknown}; valid keys: {sorted(known)}")
+
+
+def _under_model_dir(model: Optional[str], model_dir: Optional[str]) -> Optional[str]:
+    if model is None or os.path.isabs(model) or model_dir is None:
+        return model
+    inside = os.path.join(model_dir, model)
+    return inside if os.path.exists(inside) else model
