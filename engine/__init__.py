@@ -1,15 +1,17 @@
 """pagedserve's in-process LLM engine: paged KV cache, continuous batching, prefix caching."""
-from engine.async_engine import AsyncLLMEngine
+from engine.async_engine import AsyncLLMEngine, EngineDeadError
 from engine.config import EngineConfig
 from engine.llm import LLM
-from engine.llm_engine import LLMEngine
+from engine.llm_engine import ContextLengthError, LLMEngine
 from engine.outputs import CompletionOutput, Logprob, RequestOutput
 from engine.sampling_params import SamplingParams
 
 __all__ = [
     "AsyncLLMEngine",
     "CompletionOutput",
+    "ContextLengthError",
     "EngineConfig",
+    "EngineDeadError",
     "LLM",
     "LLMEngine",
     "Logprob",

@@ -55,15 +55,28 @@ class AsyncLLMEngine:
     def tokenizer(self) -> Any:
         return self.engine.tokenizer
 
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    def make_request(self, request_id: str, prompt: Prompt, params: Optional[SamplingParams] = None) -> Request:
+        """Validate and tokenize with no state touched; ValueError names what is wrong."""
+        return self.engine.make_request(request_id, prompt, params)
+
     async def generate(
         self, request_id: str, prompt: Prompt, params: Optional[SamplingParams] = None
     ) -> AsyncIterator[RequestOutput]:
         """Yield output deltas until the request finishes; leaving the loop early aborts it."""
+        async for output in self.stream(self.make_request(request_id, prompt, params)):
+            yield output
+
+    async def stream(self, request: Request) -> AsyncIterator[RequestOutput]:
+        """Run a request from `make_request`, yielding its deltas; leaving the loop early aborts it."""
+        request_id = request.request_id
         if self._stopped:
             raise EngineDeadError("the engine is shut down")
         if request_id in self._streams:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        request = self.engine.make_request(request_id, prompt, params)
         stream = self._streams[request_id] = _Stream()
         self._to_add.append(request)
         self._wakeup.set()

@@ -33,6 +33,19 @@ class EngineStats:
     blocks: BlockStats
 
 
+class ContextLengthError(ValueError):
+    """The prompt plus the tokens asked for do not fit in max_model_len."""
+
+    def __init__(self, prompt_len: int, max_tokens: int, max_model_len: int) -> None:
+        super().__init__(
+            f"max_tokens: prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) exceeds "
+            f"max_model_len ({max_model_len})"
+        )
+        self.prompt_len = prompt_len
+        self.max_tokens = max_tokens
+        self.max_model_len = max_model_len
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -185,10 +198,7 @@ class LLMEngine:
     def _check_length(self, prompt_len: int, params: SamplingParams) -> None:
         max_tokens = params.max_tokens or 1
         if prompt_len + max_tokens > self.max_model_len:
-            raise ValueError(
-                f"max_tokens: prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) exceeds "
-                f"max_model_len ({self.max_model_len})"
-            )
+            raise ContextLengthError(prompt_len, max_tokens, self.max_model_len)
 
     def _model_max_len(self) -> int:
         limit = self.model_config.max_position_embeddings

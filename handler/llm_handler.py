@@ -1,0 +1,98 @@
+"""The TorchServe entry point: one AsyncLLMEngine per worker, each request a coroutine on the OpenAI routes."""
+from __future__ import annotations
+
+import json
+import logging
+from http import HTTPStatus
+from contextlib import aclosing
+from typing import Any, AsyncIterator
+
+from ts.context import Context
+from ts.handler_utils.utils import send_intermediate_predict_response
+
+from engine import AsyncLLMEngine
+from engine.loader import default_model_path
+from handler.config import HandlerConfig, check_model_yaml
+from handler.openai_serving import SSE_DONE, OpenAIServing, sse_event
+from handler.protocol import APIError
+
+logger = logging.getLogger(__name__)
+ROUTES = ("v1/completions", "v1/chat/completions", "v1/models")
+
+
+class LLMHandler:
+    def __init__(self) -> None:
+        self.serving: OpenAIServing | None = None
+        self.initialized = False
+
+    def initialize(self, ctx: Context) -> None:
+        check_model_yaml(ctx.model_yaml_config)
+        config = HandlerConfig.from_dict(ctx.model_yaml_config.get("handler") or {}, ctx.system_properties["model_dir"])
+        engine = AsyncLLMEngine.from_config(config.engine)
+        version = (ctx.manifest or {}).get("model", {}).get("modelVersion", "1.0")
+        self.serving = OpenAIServing(
+            engine,
+            config.served_model_name or ctx.model_name,
+            version,
+            config.model or default_model_path(),
+            config.chat_template,
+        )
+        self.initialized = True
+
+    async def handle(self, data: list[dict[str, Any]], context: Context) -> list[str]:
+        route = (context.get_request_header(0, "url_path") or "").strip("/")
+        try:
+            response = await self._dispatch(route, data[0], context.get_request_id(0))
+        except APIError as exc:
+            return [_error_response(context, exc)]
+        except Exception:
+            logger.exception("request on %r failed", route)
+            return [_error_response(context, APIError("internal server error", status=500))]
+        if isinstance(response, dict):
+            context.set_response_content_type(0, "application/json")
+            return [json.dumps(response, ensure_ascii=False)]
+        return [await _stream(response, context)]
+
+    async def _dispatch(self, route: str, row: dict[str, Any], request_id: str) -> Any:
+        if route == "v1/models":
+            return self.serving.list_models()
+        if route == "v1/completions":
+            return await self.serving.create_completion(_request_body(row), request_id)
+        if route == "v1/chat/completions":
+            return await self.serving.create_chat_completion(_request_body(row), request_id)
+        raise APIError(f"unknown route {route!r}; this model serves {', '.join(ROUTES)}", status=404, code="unknown_url")
+
+
+async def _stream(events: AsyncIterator[str], context: Context) -> str:
+    """Send each Server-Sent Event as one HTTP chunk; errors after the first chunk become an error event."""
+    context.set_response_content_type(0, "text/event-stream")
+    try:
+        async with aclosing(events):
+            async for event in events:
+                send_intermediate_predict_response([event], context.request_ids, "Result", 200, context)
+    except APIError as exc:
+        send_intermediate_predict_response([sse_event(exc.to_dict())], context.request_ids, "Result", 200, context)
+    except Exception:
+        logger.exception("stream failed")
+        error = APIError("internal server error", status=500).to_dict()
+        send_intermediate_predict_response([sse_event(error)], context.request_ids, "Result", 200, context)
+    return SSE_DONE
+
+
+def _request_body(row: dict[str, Any]) -> Any:
+    """TorchServe hands over a JSON body already parsed, unless it is malformed, then as bytes."""
+    body = row.get("body", row.get("data"))
+    if isinstance(body, (bytes, bytearray)):
+        body = body.decode("utf-8", errors="replace")
+    if not isinstance(body, str):
+        return body
+    try:
+        return json.loads(body)
+    except json.JSONDecodeError as exc:
+        raise APIError(f"the request body is not valid JSON: {exc}") from None
+
+
+def _error_response(context: Context, error: APIError) -> str:
+    context.set_response_status(error.status, HTTPStatus(error.status).phrase)
+    context.set_response_content_type(0, "application/json")
+    return json.dumps(error.to_dict(), ensure_ascii=False)

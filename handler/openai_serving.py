@@ -1,0 +1,283 @@
+"""The OpenAI API over an AsyncLLMEngine: completions, chat completions and models, whole or streamed."""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Optional, Union
+
+from engine import AsyncLLMEngine, ContextLengthError, EngineDeadError, RequestOutput
+from engine.outputs import CompletionOutput, Logprob
+from engine.sequence import Request
+from handler.protocol import APIError, ChatRequest, CompletionRequest, parse_chat_request, parse_completion_request
+
+SSE_DONE = "data: [DONE]\n\n"
+Response = Union[dict[str, Any], AsyncIterator[str]]
+
+
+def sse_event(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+@dataclass
+class _Call:
+    """One API call in flight: its id, what it asked for, and the engine requests it became."""
+
+    call_id: str
+    object_name: str
+    model: str
+    created: int
+    requests: list[Request]
+    n: int
+
+    def envelope(self, **fields: Any) -> dict[str, Any]:
+        return {"id": self.call_id, "object": self.object_name, "created": self.created, "model": self.model, **fields}
+
+    def choice_index(self, prompt_index: int, output: CompletionOutput) -> int:
+        return prompt_index * self.n + output.index
+
+
+class OpenAIServing:
+    def __init__(
+        self,
+        engine: AsyncLLMEngine,
+        served_model_name: str,
+        version: str,
+        model_path: str,
+        chat_template: Optional[str] = None,
+    ) -> None:
+        self.engine = engine
+        self.served_model_name = served_model_name
+        self.version = version
+        self.model_path = model_path
+        self.chat_template = chat_template
+        self.created = int(time.time())
+
+    def list_models(self) -> dict[str, Any]:
+        card = {
+            "id": self.served_model_name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "pagedserve",
+            "root": self.model_path,
+            "version": self.version,
+            "max_model_len": self.engine.max_model_len,
+        }
+        return {"object": "list", "data": [card]}
+
+    async def create_completion(self, body: Any, request_id: str) -> Response:
+        request = parse_completion_request(body)
+        call = self._start(f"cmpl-{request_id}", "text_completion", request, request.prompts, "prompt")
+        if request.stream:
+            return self._stream_completion(call, request)
+        outputs = await _collect(self._run(call))
+        choices = [
+            _completion_choice(call.choice_index(i, out), out, request.params.logprobs is not None)
+            for i, output in enumerate(outputs)
+            for out in output.outputs
+        ]
+        return call.envelope(choices=sorted(choices, key=lambda c: c["index"]), usage=_usage(outputs))
+
+    async def create_chat_completion(self, body: Any, request_id: str) -> Response:
+        request = parse_chat_request(body)
+        prompt = self._chat_prompt(request.messages)
+        call = self._start(f"chatcmpl-{request_id}", "chat.completion", request, [prompt], "messages")
+        if request.stream:
+            return self._stream_chat(call, request)
+        outputs = await _collect(self._run(call))
+        choices = [_chat_choice(out, request.params.logprobs) for out in outputs[0].outputs]
+        return call.envelope(choices=choices, usage=_usage(outputs))
+
+    def _start(
+        self, call_id: str, object_name: str, request: Union[CompletionRequest, ChatRequest], prompts: list[Any], what: str
+    ) -> _Call:
+        """Check the model and every prompt before any of them reaches the engine."""
+        if request.model is not None and request.model != self.served_model_name:
+            raise APIError(
+                f"The model `{request.model}` does not exist; this endpoint serves `{self.served_model_name}`",
+                status=404, param="model", code="model_not_found",
+            )
+        requests = [self._make_request(f"{call_id}-{i}", prompt, request, what) for i, prompt in enumerate(prompts)]
+        object_name = object_name if not request.stream else f"{object_name}.chunk"
+        return _Call(call_id, object_name, request.model or self.served_model_name, int(time.time()), requests,
+                     request.params.n)
+
+    def _make_request(self, request_id: str, prompt: Any, request: Any, what: str) -> Request:
+        try:
+            return self.engine.make_request(request_id, prompt, request.params)
+        except ContextLengthError as exc:
+            asked = f"{exc.max_tokens} in the completion" if request.params.max_tokens else "at least 1 to generate"
+            raise APIError(
+                f"This model's maximum context length is {exc.max_model_len} tokens. However, you requested "
+                f"{exc.prompt_len + exc.max_tokens} tokens ({exc.prompt_len} in the {what}, {asked}). "
+                f"Please reduce the length of the {what} or the completion.",
+                param=what, code="context_length_exceeded",
+            ) from None
+        except ValueError as exc:
+            raise APIError(str(exc), param=what) from None
+
+    def _chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+        tokenizer = self.engine.tokenizer
+        if self.chat_template is None and getattr(tokenizer, "chat_template", None) is None:
+            raise APIError("this model has no chat template; set handler.chat_template in the model-config YAML")
+        try:
+            text = tokenizer.apply_chat_template(
+                messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=True
+            )
+        except Exception as exc:  # a template may reject a conversation, e.g. a role order it does not allow
+            raise APIError(f"the chat template rejected these messages: {exc}", param="messages") from None
+        return list(tokenizer.encode(text, add_special_tokens=False))
+
+    def _run(self, call: _Call) -> AsyncIterator[tuple[int, RequestOutput]]:
+        return _engine_errors(_merge([self.engine.stream(request) for request in call.requests]))
+
+    async def _stream_completion(self, call: _Call, request: CompletionRequest) -> AsyncIterator[str]:
+        want_logprobs = request.params.logprobs is not None
+        totals: dict[int, RequestOutput] = {}
+        async with aclosing(self._run(call)) as deltas:
+            async for i, delta in deltas:
+                _fold(totals, i, delta)
+                for out in delta.outputs:
+                    if out.text or out.finish_reason or (want_logprobs and out.token_ids):
+                        choice = _completion_choice(call.choice_index(i, out), out, want_logprobs)
+                        yield sse_event(call.envelope(choices=[choice]))
+        if request.include_usage:
+            yield sse_event(call.envelope(choices=[], usage=_usage(list(totals.values()))))
+
+    async def _stream_chat(self, call: _Call, request: ChatRequest) -> AsyncIterator[str]:
+        for index in range(call.n):
+            role = {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+            yield sse_event(call.envelope(choices=[role]))
+        top_logprobs = request.params.logprobs
+        totals: dict[int, RequestOutput] = {}
+        async with aclosing(self._run(call)) as deltas:
+            async for _, delta in deltas:
+                _fold(totals, 0, delta)
+                for out in delta.outputs:
+                    if out.text or out.finish_reason or (top_logprobs is not None and out.token_ids):
+                        yield sse_event(call.envelope(choices=[_chat_delta(out, top_logprobs)]))
+        if request.include_usage:
+            yield sse_event(call.envelope(choices=[], usage=_usage(list(totals.values()))))
+
+
+async def _merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Interleave the streams' deltas tagged with the stream's index; closing this closes (aborts) them all."""
+    queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+    finished = object()
+
+    async def pump(index: int, stream: AsyncIterator[RequestOutput]) -> None:
+        try:
+            async for delta in stream:
+                queue.put_nowait((index, delta))
+        except Exception as exc:
+            queue.put_nowait((index, exc))
+        finally:
+            queue.put_nowait((index, finished))
+
+    tasks = [asyncio.create_task(pump(index, stream)) for index, stream in enumerate(streams)]
+    remaining = len(tasks)
+    try:
+        while remaining:
+            index, item = await queue.get()
+            if item is finished:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _engine_errors(deltas: AsyncIterator[tuple[int, RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    async with aclosing(deltas):
+        try:
+            async for item in deltas:
+                yield item
+        except EngineDeadError as exc:
+            raise APIError(f"the engine is not running: {exc}", status=503) from None
+
+
+async def _collect(deltas: AsyncIterator[tuple[int, RequestOutput]]) -> list[RequestOutput]:
+    totals: dict[int, RequestOutput] = {}
+    async with aclosing(deltas):
+        async for index, delta in deltas:
+            _fold(totals, index, delta)
+    return [totals[index] for index in sorted(totals)]
+
+
+def _fold(totals: dict[int, RequestOutput], index: int, delta: RequestOutput) -> None:
+    empty = RequestOutput(delta.request_id, delta.prompt, delta.prompt_token_ids, [], False, delta.metrics)
+    totals.setdefault(index, empty).add(delta)
+
+
+def _usage(outputs: list[RequestOutput]) -> dict[str, int]:
+    prompt_tokens = sum(len(output.prompt_token_ids) for output in outputs)
+    completion_tokens = sum(len(out.token_ids) for output in outputs for out in output.outputs)
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def _completion_choice(index: int, out: CompletionOutput, want_logprobs: bool) -> dict[str, Any]:
+    return {
+        "index": index,
+        "text": out.text,
+        "logprobs": _completion_logprobs(out) if want_logprobs else None,
+        "finish_reason": out.finish_reason,
+        "stop_reason": out.stop_reason,
+    }
+
+
+def _chat_delta(out: CompletionOutput, top_logprobs: Optional[int]) -> dict[str, Any]:
+    return {
+        "index": out.index,
+        "delta": {"content": out.text} if out.text else {},
+        "logprobs": _chat_logprobs(out, top_logprobs) if top_logprobs is not None else None,
+        "finish_reason": out.finish_reason,
+    }
+
+
+def _chat_choice(out: CompletionOutput, top_logprobs: Optional[int]) -> dict[str, Any]:
+    return {
+        "index": out.index,
+        "message": {"role": "assistant", "content": out.text},
+        "logprobs": _chat_logprobs(out, top_logprobs) if top_logprobs is not None else None,
+        "finish_reason": out.finish_reason,
+        "stop_reason": out.stop_reason,
+    }
+
+
+def _sampled(out: CompletionOutput) -> list[tuple[Logprob, dict[int, Logprob]]]:
+    return [(candidates[token_id], candidates) for token_id, candidates in zip(out.token_ids, out.logprobs or [])]
+
+
+def _completion_logprobs(out: CompletionOutput) -> dict[str, Any]:
+    """The legacy completions shape: parallel lists, with the top candidates as {token: logprob}."""
+    sampled = _sampled(out)
+    tokens = [chosen.decoded_token for chosen, _ in sampled]
+    offsets = [sum(len(token) for token in tokens[:i]) for i in range(len(tokens))]
+    return {
+        "tokens": tokens,
+        "token_logprobs": [chosen.logprob for chosen, _ in sampled],
+        "top_logprobs": [{lp.decoded_token: lp.logprob for lp in candidates.values()} for _, candidates in sampled],
+        "text_offset": offsets,
+    }
+
+
+def _chat_logprobs(out: CompletionOutput, top_logprobs: int) -> dict[str, Any]:
+    content = []
+    for chosen, candidates in _sampled(out):
+        top = sorted((lp for lp in candidates.values() if lp.rank <= top_logprobs), key=lambda lp: lp.rank)
+        content.append({**_chat_token(chosen), "top_logprobs": [_chat_token(lp) for lp in top]})
+    return {"content": content}
+
+
+def _chat_token(lp: Logprob) -> dict[str, Any]:
+    return {"token": lp.decoded_token, "logprob": lp.logprob, "bytes": list(lp.decoded_token.encode("utf-8"))}

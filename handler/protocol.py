@@ -1,0 +1,250 @@
+"""OpenAI request schemas: parsed and checked into engine terms, with OpenAI-style error objects."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Union
+
+from engine.sampling_params import MAX_LOGPROBS, SamplingParams
+
+Prompt = Union[str, list[int]]
+MAX_N = 128
+MAX_TEMPERATURE = 2.0
+CHAT_ROLES = ("system", "developer", "user", "assistant")
+
+
+class APIError(Exception):
+    """An error the client caused (4xx) or the server hit (5xx), in OpenAI's error object shape."""
+
+    def __init__(
+        self,
+        message: str,
+        status: int = 400,
+        param: Optional[str] = None,
+        code: Optional[str] = None,
+        error_type: Optional[str] = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.param = param
+        self.code = code
+        self.error_type = error_type or ("invalid_request_error" if status < 500 else "server_error")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.error_type, "param": self.param, "code": self.code}}
+
+
+@dataclass
+class CompletionRequest:
+    model: Optional[str]
+    prompts: list[Prompt]
+    params: SamplingParams
+    stream: bool
+    include_usage: bool
+
+
+@dataclass
+class ChatRequest:
+    model: Optional[str]
+    messages: list[dict[str, str]]
+    params: SamplingParams
+    stream: bool
+    include_usage: bool
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_int_list(value: Any) -> bool:
+    return isinstance(value, list) and all(_is_int(item) for item in value)
+
+
+def _is_stop(value: Any) -> bool:
+    return isinstance(value, str) or (isinstance(value, list) and all(isinstance(s, str) for s in value))
+
+
+KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "int": (_is_int, "an integer"),
+    "number": (_is_number, "a number"),
+    "bool": (lambda v: isinstance(v, bool), "a boolean"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "object": (lambda v: isinstance(v, dict), "an object"),
+    "int_list": (_is_int_list, "a list of integers"),
+    "stop": (_is_stop, "a string or a list of strings"),
+    "any": (lambda v: True, "anything"),
+}
+
+# name -> kind; every field may also be null, which means "the default".
+SAMPLING_FIELDS = {
+    "temperature": "number", "top_p": "number", "n": "int", "stop": "stop", "seed": "int",
+    "presence_penalty": "number", "frequency_penalty": "number", "top_k": "int", "min_p": "number",
+    "repetition_penalty": "number", "ignore_eos": "bool", "min_tokens": "int", "stop_token_ids": "int_list",
+    "skip_special_tokens": "bool",
+}
+COMMON_FIELDS = {"model": "str", "max_tokens": "int", "stream": "bool", "stream_options": "object", "user": "str"}
+COMPLETION_FIELDS = {
+    "prompt": "any", "logprobs": "int", "echo": "bool", "best_of": "int", "suffix": "str", "logit_bias": "object",
+}
+CHAT_FIELDS = {
+    "messages": "any", "logprobs": "bool", "top_logprobs": "int", "max_completion_tokens": "int",
+    "logit_bias": "object", "tools": "any", "tool_choice": "any", "response_format": "object",
+    "parallel_tool_calls": "bool",
+}
+
+
+class _Body:
+    """The request's JSON object: typed field access, then a check that no unknown field was sent."""
+
+    def __init__(self, body: Any, fields: dict[str, str]) -> None:
+        if not isinstance(body, dict):
+            raise APIError(f"the request body must be a JSON object, got {_json_type(body)}")
+        unknown = sorted(set(body) - set(fields))
+        if unknown:
+            raise APIError(f"unrecognized request argument(s): {', '.join(unknown)}", param=unknown[0])
+        self.values = body
+        self.fields = fields
+
+    def get(self, name: str, default: Any = None) -> Any:
+        value = self.values.get(name)
+        if value is None:
+            return default
+        check, description = KINDS[self.fields[name]]
+        if not check(value):
+            raise APIError(f"{name} must be {description}, got {_json_type(value)}", param=name)
+        return value
+
+    def reject_set(self, name: str, allowed: tuple[Any, ...] = ()) -> None:
+        value = self.get(name)
+        if value is not None and value not in allowed:
+            raise APIError(f"{name} is not supported by this server", param=name)
+
+    def in_range(self, name: str, low: float, high: float, default: Any) -> Any:
+        value = self.get(name, default)
+        if value is not None and not low <= value <= high:
+            raise APIError(f"{name} must be between {low} and {high}, got {value}", param=name)
+        return value
+
+
+def parse_completion_request(body: Any) -> CompletionRequest:
+    fields = _Body(body, {**COMMON_FIELDS, **SAMPLING_FIELDS, **COMPLETION_FIELDS})
+    fields.reject_set("echo", allowed=(False,))
+    fields.reject_set("suffix", allowed=("",))
+    fields.reject_set("logit_bias", allowed=({},))
+    logprobs = fields.in_range("logprobs", 0, MAX_LOGPROBS, None)
+    params = _sampling_params(fields, fields.get("max_tokens", 16), logprobs)
+    best_of = fields.get("best_of")
+    if best_of is not None and best_of != params.n:
+        raise APIError("best_of other than n is not supported by this server", param="best_of")
+    stream, include_usage = _stream_settings(fields)
+    return CompletionRequest(fields.get("model"), _prompts(body.get("prompt")), params, stream, include_usage)
+
+
+def parse_chat_request(body: Any) -> ChatRequest:
+    fields = _Body(body, {**COMMON_FIELDS, **SAMPLING_FIELDS, **CHAT_FIELDS})
+    for name in ("tools", "tool_choice"):
+        fields.reject_set(name, allowed=([], "none"))
+    fields.reject_set("logit_bias", allowed=({},))
+    fields.reject_set("response_format", allowed=({"type": "text"},))
+    logprobs = fields.get("logprobs", False)
+    top_logprobs = fields.in_range("top_logprobs", 0, MAX_LOGPROBS, None)
+    if top_logprobs is not None and not logprobs:
+        raise APIError("top_logprobs requires logprobs to be true", param="top_logprobs")
+    max_tokens = fields.get("max_completion_tokens", fields.get("max_tokens"))
+    params = _sampling_params(fields, max_tokens, (top_logprobs or 0) if logprobs else None)
+    stream, include_usage = _stream_settings(fields)
+    messages = _messages(body.get("messages"))
+    return ChatRequest(fields.get("model"), messages, params, stream, include_usage)
+
+
+def _sampling_params(fields: _Body, max_tokens: Optional[int], logprobs: Optional[int]) -> SamplingParams:
+    fields.in_range("temperature", 0, MAX_TEMPERATURE, None)
+    fields.in_range("n", 1, MAX_N, None)
+    values = {name: fields.get(name) for name in SAMPLING_FIELDS}
+    values = {name: value for name, value in values.items() if value is not None}
+    try:
+        return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **values)
+    except ValueError as exc:
+        message = str(exc)
+        raise APIError(message, param=message.split()[0]) from None
+
+
+def _stream_settings(fields: _Body) -> tuple[bool, bool]:
+    stream = fields.get("stream", False)
+    options = fields.get("stream_options")
+    if options is None:
+        return stream, False
+    if not stream:
+        raise APIError("stream_options is only allowed when stream is true", param="stream_options")
+    unknown = sorted(set(options) - {"include_usage"})
+    if unknown:
+        raise APIError(f"unrecognized stream_options field(s): {', '.join(unknown)}", param="stream_options")
+    include_usage = options.get("include_usage", False)
+    if not isinstance(include_usage, bool):
+        raise APIError("stream_options.include_usage must be a boolean", param="stream_options")
+    return stream, include_usage
+
+
+def _prompts(prompt: Any) -> list[Prompt]:
+    """A string, a list of strings, a list of token ids, or a list of token-id lists."""
+    if prompt is None:
+        raise APIError("prompt is required", param="prompt")
+    if isinstance(prompt, str) or _is_int_list(prompt) and prompt:
+        prompts = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) or _is_int_list(p) for p in prompt):
+        prompts = prompt
+    else:
+        raise APIError(
+            "prompt must be a string, a list of strings, a list of token ids or a list of token-id lists",
+            param="prompt",
+        )
+    if any(len(p) == 0 for p in prompts):
+        raise APIError("prompt must not be empty", param="prompt")
+    return prompts
+
+
+def _messages(messages: Any) -> list[dict[str, str]]:
+    if messages is None:
+        raise APIError("messages is required", param="messages")
+    if not isinstance(messages, list) or not messages:
+        raise APIError("messages must be a non-empty list", param="messages")
+    return [_message(i, message) for i, message in enumerate(messages)]
+
+
+def _message(index: int, message: Any) -> dict[str, str]:
+    where = f"messages[{index}]"
+    if not isinstance(message, dict):
+        raise APIError(f"{where} must be an object", param=where)
+    unknown = sorted(set(message) - {"role", "content", "name"})
+    if unknown:
+        raise APIError(f"{where}: unsupported field(s) {', '.join(unknown)}", param=where)
+    role = message.get("role")
+    if role not in CHAT_ROLES:
+        raise APIError(f"{where}.role must be one of {', '.join(CHAT_ROLES)}, got {role!r}", param=f"{where}.role")
+    content = _content_text(where, message.get("content"))
+    return {"role": "system" if role == "developer" else role, "content": content}
+
+
+def _content_text(where: str, content: Any) -> str:
+    """Message content: a string, or a list of text parts joined together."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(_is_text_part(part) for part in content):
+        return "".join(part["text"] for part in content)
+    raise APIError(
+        f"{where}.content must be a string or a list of text parts, got {_json_type(content)}",
+        param=f"{where}.content",
+    )
+
+
+def _is_text_part(part: Any) -> bool:
+    return isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+
+
+def _json_type(value: Any) -> str:
+    names = {bool: "boolean", int: "integer", float: "number", str: "string", list: "array", dict: "object"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
