@@ -15,12 +15,10 @@ Example: .venv/bin/python scripts/bench_offline.py --num-requests 4 --input-len 
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
 import os
 import platform
-import subprocess
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,6 +26,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from bench_common import cpu_model, git_commit, local_time, print_context
 from engine import LLM, SamplingParams
 from engine.loader import default_model_path
 
@@ -91,6 +90,12 @@ def random_prompts(num_requests: int, input_len: int, vocab_size: int, seed: int
     return ids.tolist()
 
 
+def warmup_workload(input_len: int, vocab_size: int) -> Workload:
+    """A short untimed run, seeded apart from the timed workloads."""
+    prompts = random_prompts(WARMUP_REQUESTS, min(input_len, 16), vocab_size, seed=2)
+    return Workload("warmup", prompts, WARMUP_TOKENS)
+
+
 def build_workloads(args: argparse.Namespace, vocab_size: int) -> list[Workload]:
     """W, then W1 unless skipped; distinct seeds so that no prompt can hit another run's prefix cache."""
     workloads = [Workload("W", random_prompts(args.num_requests, args.input_len, vocab_size, seed=0), args.output_len)]
@@ -99,24 +104,8 @@ def build_workloads(args: argparse.Namespace, vocab_size: int) -> list[Workload]
     return workloads
 
 
-def command_output(command: list[str]) -> Optional[str]:
-    try:
-        return subprocess.run(command, capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
-def cpu_model() -> str:
-    for line in (command_output(["lscpu"]) or "").splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "Model name":
-            return value.strip()
-    return platform.processor() or platform.machine()
-
-
 def run_context(args: argparse.Namespace) -> dict[str, Any]:
     """What a recorded result needs next to it: machine, software, settings, date and commit."""
-    commit = command_output(["git", "rev-parse", "--short", "HEAD"])
     return {
         "machine": cpu_model(),
         "cpu_count": os.cpu_count(),
@@ -124,8 +113,8 @@ def run_context(args: argparse.Namespace) -> dict[str, Any]:
         "torch": torch.__version__,
         "transformers": _transformers_version(),
         "python": platform.python_version(),
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "git_commit": commit.strip() if commit else "unknown",
+        "date": local_time(),
+        "git_commit": git_commit(),
         "model": default_model_path().name,
         "dtype": args.dtype,
         "max_num_seqs": args.max_num_seqs,
@@ -145,8 +134,10 @@ def ours_generate(args: argparse.Namespace) -> GenerateFn:
         engine_args["max_num_seqs"] = args.max_num_seqs
     if args.max_num_batched_tokens is not None:
         engine_args["max_num_batched_tokens"] = args.max_num_batched_tokens
-    llm = LLM(model=None, **engine_args)
+    return llm_generate(LLM(model=None, **engine_args))
 
+
+def llm_generate(llm: LLM) -> GenerateFn:
     def generate(prompts: list[list[int]], output_len: int) -> int:
         params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
         outputs = llm.generate(prompts, params, use_tqdm=False)
@@ -260,11 +251,6 @@ def add_ratios(results: list[Result]) -> None:
             result.ours_over_system = ours[result.workload] / result.output_tok_s
 
 
-def print_context(context: dict[str, Any]) -> None:
-    for key, value in context.items():
-        print(f"{key:>22}: {value}")
-
-
 def print_table(results: list[Result]) -> None:
     header = (
         f"{'workload':<8} {'system':<18} {'reqs':>5} {'in':>5} {'out':>5} {'wall s':>8} "
@@ -291,8 +277,7 @@ def main() -> None:
     path = default_model_path()
     vocab_size = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name).vocab_size
     workloads = build_workloads(args, vocab_size)
-    warmup_prompts = random_prompts(WARMUP_REQUESTS, min(args.input_len, 16), vocab_size, seed=2)
-    warmup = Workload("warmup", warmup_prompts, WARMUP_TOKENS)
+    warmup = warmup_workload(args.input_len, vocab_size)
 
     results: list[Result] = []
     for system in [OURS, *dict.fromkeys(args.peers)]:
