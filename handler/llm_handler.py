@@ -34,7 +34,7 @@ class LLMHandler:
             engine,
             config.served_model_name or ctx.model_name,
             version,
-            config.model or default_model_path(),
+            config.model or str(default_model_path()),
             config.chat_template,
         )
         self.initialized = True
@@ -43,14 +43,14 @@ class LLMHandler:
         route = (context.get_request_header(0, "url_path") or "").strip("/")
         try:
             response = await self._dispatch(route, data[0], context.get_request_id(0))
+            if isinstance(response, dict):
+                context.set_response_content_type(0, "application/json")
+                return [json.dumps(response, ensure_ascii=False)]
         except APIError as exc:
             return [_error_response(context, exc)]
         except Exception:
             logger.exception("request on %r failed", route)
             return [_error_response(context, APIError("internal server error", status=500))]
-        if isinstance(response, dict):
-            context.set_response_content_type(0, "application/json")
-            return [json.dumps(response, ensure_ascii=False)]
         return [await _stream(response, context)]
 
     async def _dispatch(self, route: str, row: dict[str, Any], request_id: str) -> Any:
