@@ -1,6 +1,7 @@
 """The TorchServe entry point: one AsyncLLMEngine per worker, each request a coroutine on the OpenAI routes."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from http import HTTPStatus
@@ -40,6 +41,8 @@ class LLMHandler:
         self.initialized = True
 
     async def handle(self, data: list[dict[str, Any]], context: Context) -> list[str]:
+        if context.get_request_header(0, "describe") == "True":
+            return [json.dumps(self.describe())]
         route = (context.get_request_header(0, "url_path") or "").strip("/")
         try:
             response = await self._dispatch(route, data[0], context.get_request_id(0))
@@ -52,6 +55,10 @@ class LLMHandler:
             logger.exception("request on %r failed", route)
             return [_error_response(context, APIError("internal server error", status=500))]
         return [await _stream(response, context)]
+
+    def describe(self) -> dict[str, Any]:
+        """What `GET /models/NAME/VERSION?customized=true` shows: the served model and the engine's live state."""
+        return {**self.serving.list_models()["data"][0], "engine": dataclasses.asdict(self.serving.engine.stats())}
 
     async def _dispatch(self, route: str, row: dict[str, Any], request_id: str) -> Any:
         if route == "v1/models":
