@@ -25,7 +25,8 @@ def engine_state(management_url: str, model: str, version: str) -> dict[str, Any
     """The handler's describe output: the engine's live request counts and KV block stats."""
     status, described = http(f"{management_url}/models/{model}/{version}?customized=true", method="GET")
     assert status == 200, described
-    return json.loads(described[0]["customizedMetadata"])["engine"]
+    metadata = described[0]["customizedMetadata"]
+    return (json.loads(metadata) if isinstance(metadata, str) else metadata)["engine"]
 
 
 def wait_all_blocks_free(management_url: str, model: str, version: str, timeout: float = 30.0) -> dict[str, Any]:
