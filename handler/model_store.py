@@ -61,6 +61,9 @@ def model_yaml(config: dict[str, Any], model: Optional[str], overrides: dict[str
         handler["model"] = model
     if overrides:
         handler["engine"] = {**(handler.get("engine") or {}), **overrides}
+    engine = handler.get("engine") or {}
+    if engine.get("model") is not None and handler.get("model") is None:
+        handler["model"] = engine.pop("model")  # one place for the weights, which build_archive resolves
     check_model_yaml(result)
     HandlerConfig.from_dict(handler)
     return result

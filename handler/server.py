@@ -117,7 +117,11 @@ class TorchServeProcess:
         return self
 
     def __enter__(self) -> "TorchServeProcess":
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
@@ -151,10 +155,11 @@ class TorchServeProcess:
             time.sleep(0.5)
 
     def _ready_headers(self) -> Optional[dict[str, str]]:
-        """Management headers, or None while token auth is on and the key file is not written yet."""
-        if self.config.token_auth and not self.key_file.exists():
+        """Management headers, or None while token auth is on and the key file is not fully written yet."""
+        try:
+            return self.management_headers()
+        except (FileNotFoundError, json.JSONDecodeError, KeyError):
             return None
-        return self.management_headers()
 
     def stop(self, timeout: float = 30.0) -> None:
         """SIGTERM the frontend, then its workers; SIGKILL whatever is left after `timeout`."""
@@ -171,6 +176,35 @@ class TorchServeProcess:
             psutil.wait_procs(alive, timeout=5)
             self.process.wait()
         self._exit_stack.close()
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """One model version on a running TorchServe, and the URLs a client needs for it."""
+
+    server: TorchServeProcess
+    model_name: str
+    model_version: str
+
+    @property
+    def inference_url(self) -> str:
+        return self.server.inference_url
+
+    @property
+    def management_url(self) -> str:
+        return self.server.management_url
+
+    @property
+    def metrics_url(self) -> str:
+        return self.server.metrics_url
+
+    @property
+    def predictions_url(self) -> str:
+        return f"{self.inference_url}/predictions/{self.model_name}/{self.model_version}"
+
+    @property
+    def openai_base_url(self) -> str:
+        return f"{self.predictions_url}/v1"
 
 
 def _has_ready_worker(url: str, headers: Optional[dict[str, str]]) -> bool:

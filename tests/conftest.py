@@ -11,6 +11,9 @@ import torch
 
 from engine import LLM
 from engine.loader import default_model_path
+from handler.model_store import build_archive
+from handler.server import ServedModel
+from ts_server import STARTUP_TIMEOUT, small_model_config, torchserve_process
 
 PROMPT = [510, 3458, 282, 4649, 314, 253, 1345, 30]  # " disrong of France is a real." in the SmolLM2 vocabulary
 TINY_COMMON = dict(
@@ -120,3 +123,17 @@ def track_engine(live: Any) -> Any:
     """Include an engine built outside `llm_factory` in the after-test block check."""
     _live_engines.append(live)
     return live
+
+
+@pytest.fixture(scope="session")
+def torchserve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedModel]:
+    """One TorchServe for the session: the embedded SmolLM2 as `smollm2` version 1.0, token auth off, model API on.
+
+    Attributes: model_name, model_version, inference_url, management_url, metrics_url, predictions_url
+    (.../predictions/NAME/VERSION), openai_base_url (predictions_url + "/v1"), server (the TorchServeProcess).
+    """
+    root = tmp_path_factory.mktemp("ts")
+    folder = build_archive("smollm2", "1.0", small_model_config(), root / "store")
+    with torchserve_process(root, {"smollm2": folder.name}, token_auth=False, model_api=True) as server:
+        server.wait_until_ready("smollm2", "1.0", STARTUP_TIMEOUT)
+        yield ServedModel(server, "smollm2", "1.0")

@@ -1,0 +1,152 @@
+"""`python -m handler.launcher`: serve one model with TorchServe in the foreground; Ctrl-C stops everything.
+
+With no arguments it serves the embedded SmolLM2-135M-Instruct on CPU with model-config/smollm2-135m-cpu.yaml.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import signal
+import sys
+import tempfile
+import time
+import typing
+from pathlib import Path
+from typing import Any, NoReturn, Optional
+
+from engine.config import EngineConfig
+from handler.config import read_model_yaml
+from handler.model_store import build_archive, engine_overrides, model_yaml
+from handler.server import ServedModel, ServerConfig, TorchServeProcess
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "model-config" / "smollm2-135m-cpu.yaml"
+# Used when the package is installed without the repository's model-config/ folder.
+FALLBACK_CONFIG: dict[str, Any] = {
+    "minWorkers": 1, "maxWorkers": 1, "batchSize": 1, "asyncCommunication": True,
+    "responseTimeout": 600, "startupTimeout": 600, "deviceType": "cpu",
+    "handler": {"engine": {"max_num_seqs": 64, "kv_cache_memory_gb": 0.5}},
+}
+DEFAULT_NAME = "smollm2"
+ENGINE_PREFIX = "--engine."
+ENGINE_HELP = f"Engine overrides: --engine.KEY VALUE for any of: {', '.join(typing.get_type_hints(EngineConfig))}."
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m handler.launcher", allow_abbrev=False,
+        description="Serve one model with TorchServe (OpenAI API under /predictions/NAME/VERSION/v1).",
+        epilog=ENGINE_HELP,
+    )
+    p.add_argument("--model_id", help="Hugging Face folder or GGUF file (default: the config's, else the embedded SmolLM2)")
+    p.add_argument("--model_name", help=f"TorchServe model name (default: {DEFAULT_NAME}, or the model's file/folder name)")
+    p.add_argument("--model_version", default="1.0")
+    p.add_argument("--config", type=Path, help=f"model-config YAML (default: {DEFAULT_CONFIG.name})")
+    p.add_argument("--model_store", type=Path, help="where the model folder is written (default: a temporary folder)")
+    p.add_argument("--host", default="127.0.0.1", help="address TorchServe listens on")
+    p.add_argument("--inference_port", type=int, default=8080)
+    p.add_argument("--management_port", type=int, default=8081)
+    p.add_argument("--metrics_port", type=int, default=8082)
+    p.add_argument("--disable_token_auth", action="store_true", help="serve without TorchServe's Bearer keys")
+    p.add_argument("--enable_model_api", action="store_true", help="allow registering and deleting models")
+    p.add_argument("--startup_timeout", type=float, default=600.0, help="seconds to wait for the model to be ready")
+    return p
+
+
+def split_engine_overrides(
+    p: argparse.ArgumentParser, argv: Optional[list[str]] = None
+) -> tuple[argparse.Namespace, dict[str, Any]]:
+    """The flags, and the `--engine.KEY VALUE` (or `--engine.KEY=VALUE`) overrides in EngineConfig types."""
+    args, rest = p.parse_known_args(argv)
+    pairs: list[tuple[str, str]] = []
+    while rest:
+        flag = rest.pop(0)
+        if not flag.startswith(ENGINE_PREFIX):
+            p.error(f"unrecognized argument: {flag}")
+        key, _, value = flag[len(ENGINE_PREFIX):].partition("=")
+        if not value:
+            if not rest:
+                p.error(f"{flag} needs a value")
+            value = rest.pop(0)
+        pairs.append((key, value))
+    try:
+        return args, engine_overrides(pairs)
+    except ValueError as error:
+        p.error(str(error))
+
+
+def base_config(path: Optional[Path]) -> dict[str, Any]:
+    if path is not None:
+        return read_model_yaml(str(path))
+    return read_model_yaml(str(DEFAULT_CONFIG)) if DEFAULT_CONFIG.is_file() else FALLBACK_CONFIG
+
+
+def model_name(args: argparse.Namespace, config: dict[str, Any]) -> str:
+    model = config["handler"].get("model")
+    if args.model_name:
+        return args.model_name
+    if model is None:
+        return DEFAULT_NAME
+    return Path(model).stem if Path(model).is_file() else Path(model).name
+
+
+def ready_message(served: ServedModel) -> str:
+    server = served.server
+    body = {"messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 32}
+    curl = ["curl", f"{served.openai_base_url}/chat/completions", "-H", "Content-Type: application/json"]
+    lines = [
+        f"TorchServe is serving {served.model_name} version {served.model_version}.",
+        f"OpenAI base URL: {served.openai_base_url}",
+    ]
+    if server.config.token_auth:
+        curl += ["-H", f"Authorization: Bearer {server.keys()['inference']}"]
+        lines.append(f"Token keys (inference, management): {server.key_file}")
+    curl += ["-d", json.dumps(body)]
+    lines += [f"Logs: {server.run_dir / 'logs'}", "Try:", "  " + shlex.join(curl), "Ctrl-C stops TorchServe."]
+    return "\n".join(lines)
+
+
+def _interrupt(signum: int, frame: Any) -> NoReturn:
+    # The first signal stops TorchServe; a second one would cut that short and leave workers behind.
+    for each in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(each, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
+def serve(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+    config = model_yaml(base_config(args.config), args.model_id, overrides)
+    name = model_name(args, config)
+    with tempfile.TemporaryDirectory(prefix="pagedserve-") as tmp:
+        store = args.model_store or Path(tmp) / "model_store"
+        folder = build_archive(name, args.model_version, config, store)
+        server_config = ServerConfig(
+            model_store=store, run_dir=Path(tmp) / "run", models={name: folder.name}, host=args.host,
+            inference_port=args.inference_port, management_port=args.management_port,
+            metrics_port=args.metrics_port, token_auth=not args.disable_token_auth, model_api=args.enable_model_api,
+        )
+        with TorchServeProcess(server_config) as server:
+            server.wait_until_ready(name, args.model_version, args.startup_timeout)
+            print(ready_message(ServedModel(server, name, args.model_version)), flush=True)
+            while server.poll() is None:
+                time.sleep(0.5)
+            print(f"TorchServe exited with code {server.poll()}; log tail:\n{server.log_tail()}", file=sys.stderr)
+            return 1
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args, overrides = split_engine_overrides(parser(), argv)
+    # Ctrl-C and SIGTERM leave through the `with` blocks, which stop TorchServe and its workers.
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return serve(args, overrides)
+    except KeyboardInterrupt:
+        print("Stopped.", flush=True)
+        return 0
+    except (ValueError, RuntimeError, TimeoutError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

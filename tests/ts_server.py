@@ -1,0 +1,30 @@
+"""Starting real TorchServe servers for tests: the embedded SmolLM2 with small engine settings, free ports."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from handler.launcher import base_config
+from handler.model_store import model_yaml
+from handler.server import ServerConfig, TorchServeProcess, free_ports
+
+# Small enough to start fast on 2 cores; 32 sequences for the concurrency test.
+SMALL_ENGINE: dict[str, Any] = {"max_num_seqs": 32, "kv_cache_memory_gb": 0.25, "max_model_len": 1024}
+STARTUP_TIMEOUT = 300.0
+
+
+def small_model_config(**engine: Any) -> dict[str, Any]:
+    """The default model-config (embedded SmolLM2 on CPU) with SMALL_ENGINE and `engine` applied."""
+    return model_yaml(base_config(None), None, {**SMALL_ENGINE, **engine})
+
+
+def torchserve_process(root: Path, models: dict[str, str], **options: Any) -> TorchServeProcess:
+    """A (not yet started) TorchServe on free loopback ports serving `models` from `root / "store"`."""
+    inference, management, metrics = free_ports(3)
+    config = ServerConfig(
+        model_store=root / "store", run_dir=root / "run", models=models,
+        inference_port=inference, management_port=management, metrics_port=metrics, **options,
+    )
+    config.model_store.mkdir(parents=True, exist_ok=True)
+    config.run_dir.mkdir(parents=True, exist_ok=True)
+    return TorchServeProcess(config)
