@@ -47,6 +47,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--inference_port", type=int, default=8080)
     p.add_argument("--management_port", type=int, default=8081)
     p.add_argument("--metrics_port", type=int, default=8082)
+    p.add_argument("--grpc_inference_port", type=int, default=7070)
+    p.add_argument("--grpc_management_port", type=int, default=7071)
     p.add_argument("--disable_token_auth", action="store_true", help="serve without TorchServe's Bearer keys")
     p.add_argument("--enable_model_api", action="store_true", help="allow registering and deleting models")
     p.add_argument("--startup_timeout", type=float, default=600.0, help="seconds to wait for the model to be ready")
@@ -122,7 +124,8 @@ def serve(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
         server_config = ServerConfig(
             model_store=store, run_dir=Path(tmp) / "run", models={name: folder.name}, host=args.host,
             inference_port=args.inference_port, management_port=args.management_port,
-            metrics_port=args.metrics_port, token_auth=not args.disable_token_auth, model_api=args.enable_model_api,
+            metrics_port=args.metrics_port, grpc_inference_port=args.grpc_inference_port,
+            grpc_management_port=args.grpc_management_port, token_auth=not args.disable_token_auth, model_api=args.enable_model_api,
         )
         with TorchServeProcess(server_config) as server:
             server.wait_until_ready(name, args.model_version, args.startup_timeout)

@@ -36,6 +36,9 @@ class ServerConfig:
     inference_port: int = 8080
     management_port: int = 8081
     metrics_port: int = 8082
+    # TorchServe 0.12.0 always starts its gRPC servers; a second server on the default ports would not start.
+    grpc_inference_port: int = 7070
+    grpc_management_port: int = 7071
     token_auth: bool = True
     model_api: bool = False
 
@@ -47,6 +50,10 @@ class ServerConfig:
             "inference_address": self.url(self.inference_port),
             "management_address": self.url(self.management_port),
             "metrics_address": self.url(self.metrics_port),
+            "grpc_inference_address": self.host,
+            "grpc_management_address": self.host,
+            "grpc_inference_port": str(self.grpc_inference_port),
+            "grpc_management_port": str(self.grpc_management_port),
             "metrics_mode": "prometheus",
             "disable_token_authorization": str(not self.token_auth).lower(),
             "enable_model_api": str(self.model_api).lower(),

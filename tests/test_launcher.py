@@ -44,6 +44,12 @@ class Launched:
         return {kind: entry["key"] for kind, entry in json.loads(self.key_file.read_text()).items()}
 
 
+def free_port_flags() -> list[str]:
+    """Every port flag of the launcher, each with a port that is free now, inference first, management second."""
+    names = ("inference", "management", "metrics", "grpc_inference", "grpc_management")
+    return [part for name, port in zip(names, free_ports(len(names))) for part in (f"--{name}_port", str(port))]
+
+
 def launch(*args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "handler.launcher", *args],
@@ -66,8 +72,8 @@ def read_until(process: subprocess.Popen[str], marker: str, timeout: float) -> s
 
 @pytest.fixture(scope="module")
 def launched() -> Iterator[Launched]:
-    inference, management, metrics = free_ports(3)
-    ports = ["--inference_port", str(inference), "--management_port", str(management), "--metrics_port", str(metrics)]
+    ports = free_port_flags()
+    inference, management = ports[1], ports[3]
     process = launch(*ports, *SMALL)
     try:
         output = read_until(process, READY_LINE, STARTUP_TIMEOUT)
@@ -135,9 +141,7 @@ def test_ctrl_c_stops_torchserve_and_leaves_no_process(launched: Launched) -> No
 def test_a_bad_setting_fails_fast_naming_it(tmp_path: Path, args: list[str], message: str) -> None:
     (tmp_path / "typo.yaml").write_text("handler:\n  engine:\n    kv_cache_gb: 1\n")
     (tmp_path / "frontend.yaml").write_text("minWorker: 1\nhandler: {}\n")
-    inference, management, metrics = free_ports(3)
-    ports = ["--inference_port", str(inference), "--management_port", str(management), "--metrics_port", str(metrics)]
-    process = launch(*[arg.format(tmp=tmp_path) for arg in args], *ports)
+    process = launch(*[arg.format(tmp=tmp_path) for arg in args], *free_port_flags())
     output, _ = process.communicate(timeout=60)
     assert process.returncode != 0
     assert re.search(message, output), output

@@ -20,10 +20,11 @@ def small_model_config(**engine: Any) -> dict[str, Any]:
 
 def torchserve_process(root: Path, models: dict[str, str], **options: Any) -> TorchServeProcess:
     """A (not yet started) TorchServe on free loopback ports serving `models` from `root / "store"`."""
-    inference, management, metrics = free_ports(3)
+    inference, management, metrics, grpc_inference, grpc_management = free_ports(5)
     config = ServerConfig(
         model_store=root / "store", run_dir=root / "run", models=models,
-        inference_port=inference, management_port=management, metrics_port=metrics, **options,
+        inference_port=inference, management_port=management, metrics_port=metrics,
+        grpc_inference_port=grpc_inference, grpc_management_port=grpc_management, **options,
     )
     config.model_store.mkdir(parents=True, exist_ok=True)
     config.run_dir.mkdir(parents=True, exist_ok=True)
