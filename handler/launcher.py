@@ -125,7 +125,8 @@ def serve(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
             model_store=store, run_dir=Path(tmp) / "run", models={name: folder.name}, host=args.host,
             inference_port=args.inference_port, management_port=args.management_port,
             metrics_port=args.metrics_port, grpc_inference_port=args.grpc_inference_port,
-            grpc_management_port=args.grpc_management_port, token_auth=not args.disable_token_auth, model_api=args.enable_model_api,
+            grpc_management_port=args.grpc_management_port, token_auth=not args.disable_token_auth,
+            model_api=args.enable_model_api,
         )
         with TorchServeProcess(server_config) as server:
             server.wait_until_ready(name, args.model_version, args.startup_timeout)
