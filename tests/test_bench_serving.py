@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ts_http import wait_all_blocks_free
+
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 
 
@@ -25,3 +27,4 @@ def test_bench_serving_reports_every_streamed_request(torchserve: Any, tmp_path:
     assert all(0 < ttft <= e2el for ttft, e2el in zip(requests["ttft_s"], requests["e2el_s"]))
     assert [len(itls) for itls in requests["itls_s"]] == [4, 4, 4, 4]
     assert summary["total_output_tokens"] == 20
+    wait_all_blocks_free(torchserve.management_url, torchserve.model_name, torchserve.model_version)
