@@ -4,11 +4,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections import deque
 from typing import Any, AsyncIterator, Optional
 
 from engine.config import EngineConfig
-from engine.llm_engine import EngineStats, LLMEngine, Prompt
+from engine.llm_engine import LLMEngine, Prompt
+from engine.metrics import EngineStats, StatLogger
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.sequence import Request
@@ -40,6 +42,9 @@ class AsyncLLMEngine:
         self._to_abort: deque[str] = deque()
         self._wakeup = threading.Event()
         self._stopped = False
+        self._stat_loggers: list[StatLogger] = []
+        self._stats_pending = False
+        self._next_stats_time = 0.0
         self._thread = threading.Thread(target=self._run, name="engine-step", daemon=True)
         self._thread.start()
 
@@ -101,6 +106,14 @@ class AsyncLLMEngine:
     def stats(self) -> EngineStats:
         return self.engine.stats()
 
+    def add_stat_logger(self, stat_logger: StatLogger) -> None:
+        """Call `stat_logger(stats, finished_requests)` from the step thread, at most once per `stats_interval_s`.
+
+        It is called while requests run and once more after the engine goes idle, so the gauges end at rest.
+        """
+        self.engine.counters.keep_finished = True
+        self._stat_loggers.append(stat_logger)
+
     def shutdown(self) -> None:
         self._stopped = True
         self._wakeup.set()
@@ -114,19 +127,44 @@ class AsyncLLMEngine:
         while not self._stopped:
             self._wakeup.clear()
             self._apply_commands()
-            if not self.engine.has_unfinished_requests():
-                self._wakeup.wait()
-                continue
+            busy = self.engine.has_unfinished_requests()
+            if busy:
+                self._step()
+            self._log_stats_when_due()
+            if not busy:
+                self._wakeup.wait(self._seconds_to_stats())
+
+    def _step(self) -> None:
+        self._stats_pending = True
+        try:
+            outputs = self.engine.step()
+        except Exception as exc:
+            logger.exception("engine step failed; aborting its requests")
+            self._fail_all(exc)
+            return
+        for output in outputs:
+            self._deliver(output)
+
+    def _seconds_to_stats(self) -> Optional[float]:
+        """How long an idle loop may sleep before stats are due; None when nothing changed since the last call."""
+        if not self._stats_pending or not self._stat_loggers:
+            return None
+        return max(self._next_stats_time - time.monotonic(), 0.0)
+
+    def _log_stats_when_due(self) -> None:
+        if self._seconds_to_stats() != 0.0:
+            return
+        self._stats_pending = False
+        self._next_stats_time = time.monotonic() + self.engine.config.stats_interval_s
+        stats, finished = self.engine.stats(), self.engine.counters.take_finished()
+        for stat_logger in self._stat_loggers:
             try:
-                outputs = self.engine.step()
-            except Exception as exc:
-                logger.exception("engine step failed; aborting its requests")
-                self._fail_all(exc)
-                continue
-            for output in outputs:
-                self._deliver(output)
+                stat_logger(stats, finished)
+            except Exception:
+                logger.exception("stat logger %r failed", stat_logger)
 
     def _apply_commands(self) -> None:
+        self._stats_pending = self._stats_pending or bool(self._to_add or self._to_abort)
         while self._to_add:
             request = self._to_add.popleft()
             if request.request_id in self._streams:

@@ -26,6 +26,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     enable_prefix_caching: bool = True
     num_threads: Optional[int] = None
+    stats_interval_s: float = 0.5  # AsyncLLMEngine: the most often stat loggers are called
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -35,8 +36,7 @@ class EngineConfig:
         _require_positive(self, "block_size", "max_num_seqs", "max_num_batched_tokens")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
-        if self.kv_cache_memory_gb <= 0:
-            raise ValueError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb}")
+        _require_positive_number(self, "kv_cache_memory_gb", "stats_interval_s")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.max_model_len is not None and self.max_model_len < 1:
@@ -56,3 +56,10 @@ def _require_positive(config: EngineConfig, *names: str) -> None:
         value = getattr(config, name)
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _require_positive_number(config: EngineConfig, *names: str) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ValueError(f"{name} must be a number > 0, got {value!r}")

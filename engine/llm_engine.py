@@ -3,15 +3,15 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
 
-from engine.block_manager import BlockManager, BlockStats
+from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.detokenizer import Detokenizer
 from engine.loader import TORCH_DTYPES, load_model, read_model_config, resolve_model
+from engine.metrics import EngineStats, RequestCounters
 from engine.model_runner import ModelRunner
 from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from engine.sampler import TokenLogprobs
@@ -23,14 +23,6 @@ from engine.tokenizer import load_tokenizer
 logger = logging.getLogger(__name__)
 
 Prompt = Union[str, list[int]]
-
-
-@dataclass
-class EngineStats:
-    num_running: int
-    num_waiting: int
-    num_preemptions: int
-    blocks: BlockStats
 
 
 class ContextLengthError(ValueError):
@@ -67,6 +59,7 @@ class LLMEngine:
         self.detokenizer = Detokenizer(self.tokenizer)
         self.eos_token_ids = set(self.model_config.eos_token_ids)
         self.requests: dict[str, Request] = {}
+        self.counters = RequestCounters()
 
     def make_request(self, request_id: str, prompt: Prompt, params: Optional[SamplingParams] = None) -> Request:
         """Validate and tokenize without touching engine state; ValueError names what is wrong."""
@@ -94,7 +87,7 @@ class LLMEngine:
         for seq in request.seqs:
             if not seq.is_finished:
                 self.scheduler.finish(seq, "abort")
-        request.times.finished = time.monotonic()
+        self.counters.finish(request)
         return self._make_output(request, request.seqs)
 
     def has_unfinished_requests(self) -> bool:
@@ -116,17 +109,22 @@ class LLMEngine:
         return self._collect_outputs(sampled_seqs)
 
     def stats(self) -> EngineStats:
+        # Copies first (each one C call, so atomic): another thread may ask while a step runs.
+        running, waiting = list(self.scheduler.running), list(self.scheduler.waiting)
+        blocks = self.block_manager.stats()
         return EngineStats(
-            num_running=len(self.scheduler.running),
-            num_waiting=len(self.scheduler.waiting),
+            num_requests_running=_count_requests(running),
+            num_requests_waiting=_count_requests(waiting),
+            kv_cache_usage=blocks.num_used_blocks / blocks.num_total_blocks,
             num_preemptions=self.scheduler.num_preemptions,
-            blocks=self.block_manager.stats(),
+            prompt_tokens=self.counters.prompt_tokens,
+            generation_tokens=self.counters.generation_tokens,
+            blocks=blocks,
         )
 
     def _append_token(self, seq: Sequence, token_id: int, logprobs: Optional[TokenLogprobs]) -> None:
         seq.token_ids.append(token_id)
-        times = seq.request.times
-        times.first_token = times.first_token or time.monotonic()
+        self.counters.count_token(seq.request)
         if logprobs is not None:
             seq.logprobs.append(self.detokenizer.logprobs(logprobs))
         params = seq.params
@@ -151,7 +149,7 @@ class LLMEngine:
         for request_id, seqs in by_request.items():
             request = self.requests[request_id]
             if request.is_finished:
-                request.times.finished = time.monotonic()
+                self.counters.finish(request)
                 del self.requests[request_id]
             outputs.append(self._make_output(request, seqs))
         return outputs
@@ -230,6 +228,10 @@ class LLMEngine:
             )
         logger.warning("max_model_len lowered from %d to the KV cache capacity %d", model_max_len, capacity)
         return capacity
+
+
+def _count_requests(seqs: list[Sequence]) -> int:
+    return len({seq.request.request_id for seq in seqs})
 
 
 def _request_metrics(request: Request) -> RequestMetrics:

@@ -17,6 +17,7 @@ from typing import Any, NoReturn, Optional
 
 from engine.config import EngineConfig
 from handler.config import read_model_yaml
+from handler.metrics import default_metrics_config
 from handler.model_store import build_archive, engine_overrides, model_yaml
 from handler.server import ServedModel, ServerConfig, TorchServeProcess
 
@@ -49,6 +50,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics_port", type=int, default=8082)
     p.add_argument("--grpc_inference_port", type=int, default=7070)
     p.add_argument("--grpc_management_port", type=int, default=7071)
+    p.add_argument(
+        "--metrics_config", type=Path, default=default_metrics_config(),
+        help="model metrics YAML, merged with TorchServe's default metrics (default: model-config/metrics.yaml)",
+    )
     p.add_argument("--disable_token_auth", action="store_true", help="serve without TorchServe's Bearer keys")
     p.add_argument("--enable_model_api", action="store_true", help="allow registering and deleting models")
     p.add_argument("--startup_timeout", type=float, default=600.0, help="seconds to wait for the model to be ready")
@@ -126,7 +131,7 @@ def serve(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
             inference_port=args.inference_port, management_port=args.management_port,
             metrics_port=args.metrics_port, grpc_inference_port=args.grpc_inference_port,
             grpc_management_port=args.grpc_management_port, token_auth=not args.disable_token_auth,
-            model_api=args.enable_model_api,
+            model_api=args.enable_model_api, metrics_config=args.metrics_config,
         )
         with TorchServeProcess(server_config) as server:
             server.wait_until_ready(name, args.model_version, args.startup_timeout)

@@ -1,6 +1,7 @@
 """The TorchServe entry point: one AsyncLLMEngine per worker, each request a coroutine on the OpenAI routes."""
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import logging
@@ -14,6 +15,7 @@ from ts.handler_utils.utils import send_intermediate_predict_response
 from engine import AsyncLLMEngine
 from engine.loader import default_model_path
 from handler.config import HandlerConfig, check_model_yaml
+from handler.metrics import TorchServeMetrics
 from handler.openai_serving import SSE_DONE, OpenAIServing, sse_event
 from handler.protocol import APIError
 
@@ -24,6 +26,7 @@ ROUTES = ("v1/completions", "v1/chat/completions", "v1/models")
 class LLMHandler:
     def __init__(self) -> None:
         self.serving: OpenAIServing | None = None
+        self.metrics: TorchServeMetrics | None = None
         self.initialized = False
 
     def initialize(self, ctx: Context) -> None:
@@ -38,11 +41,15 @@ class LLMHandler:
             config.model or str(default_model_path()),
             config.chat_template,
         )
+        self.metrics = TorchServeMetrics(ctx.metrics, ctx.model_name, version)
+        self.metrics.start(engine.stats())
+        engine.add_stat_logger(self.metrics.record)
         self.initialized = True
 
     async def handle(self, data: list[dict[str, Any]], context: Context) -> list[str]:
         if context.get_request_header(0, "describe") == "True":
             return [json.dumps(self.describe())]
+        self.metrics.bind_loop(asyncio.get_running_loop())
         route = (context.get_request_header(0, "url_path") or "").strip("/")
         try:
             response = await self._dispatch(route, data[0], context.get_request_id(0))
@@ -50,11 +57,11 @@ class LLMHandler:
                 context.set_response_content_type(0, "application/json")
                 return [json.dumps(response, ensure_ascii=False)]
         except APIError as exc:
-            return [_error_response(context, exc)]
+            return [self._error_response(context, exc)]
         except Exception:
             logger.exception("request on %r failed", route)
-            return [_error_response(context, APIError("internal server error", status=500))]
-        return [await _stream(response, context)]
+            return [self._error_response(context, APIError("internal server error", status=500))]
+        return [await self._stream(response, context)]
 
     def describe(self) -> dict[str, Any]:
         """What `GET /models/NAME/VERSION?customized=true` shows: the served model and the engine's live state."""
@@ -69,21 +76,29 @@ class LLMHandler:
             return await self.serving.create_chat_completion(_request_body(row), request_id)
         raise APIError(f"unknown route {route!r}; this model serves {', '.join(ROUTES)}", status=404, code="unknown_url")
 
+    async def _stream(self, events: AsyncIterator[str], context: Context) -> str:
+        """Send each Server-Sent Event as one HTTP chunk; errors after the first chunk become an error event."""
+        context.set_response_content_type(0, "text/event-stream")
+        try:
+            async with aclosing(events):
+                async for event in events:
+                    send_intermediate_predict_response([event], context.request_ids, "Result", 200, context)
+        except APIError as exc:
+            self._send_error_event(context, exc)
+        except Exception:
+            logger.exception("stream failed")
+            self._send_error_event(context, APIError("internal server error", status=500))
+        return SSE_DONE
 
-async def _stream(events: AsyncIterator[str], context: Context) -> str:
-    """Send each Server-Sent Event as one HTTP chunk; errors after the first chunk become an error event."""
-    context.set_response_content_type(0, "text/event-stream")
-    try:
-        async with aclosing(events):
-            async for event in events:
-                send_intermediate_predict_response([event], context.request_ids, "Result", 200, context)
-    except APIError as exc:
-        send_intermediate_predict_response([sse_event(exc.to_dict())], context.request_ids, "Result", 200, context)
-    except Exception:
-        logger.exception("stream failed")
-        error = APIError("internal server error", status=500).to_dict()
-        send_intermediate_predict_response([sse_event(error)], context.request_ids, "Result", 200, context)
-    return SSE_DONE
+    def _send_error_event(self, context: Context, error: APIError) -> None:
+        self.metrics.count_rejected(error.error_type)
+        send_intermediate_predict_response([sse_event(error.to_dict())], context.request_ids, "Result", 200, context)
+
+    def _error_response(self, context: Context, error: APIError) -> str:
+        self.metrics.count_rejected(error.error_type)
+        context.set_response_status(error.status, HTTPStatus(error.status).phrase)
+        context.set_response_content_type(0, "application/json")
+        return json.dumps(error.to_dict(), ensure_ascii=False)
 
 
 def _request_body(row: dict[str, Any]) -> Any:
@@ -97,9 +112,3 @@ def _request_body(row: dict[str, Any]) -> Any:
         return json.loads(body)
     except json.JSONDecodeError as exc:
         raise APIError(f"the request body is not valid JSON: {exc}") from None
-
-
-def _error_response(context: Context, error: APIError) -> str:
-    context.set_response_status(error.status, HTTPStatus(error.status).phrase)
-    context.set_response_content_type(0, "application/json")
-    return json.dumps(error.to_dict(), ensure_ascii=False)

@@ -23,8 +23,11 @@ from typing import Any, Optional
 import psutil
 import ts
 
+from handler.metrics import default_metrics_config, write_metrics_config
+
 TS_HOME = Path(ts.__file__).resolve().parent.parent
 LOG_FILE = "torchserve.log"
+METRICS_FILE = "metrics.yaml"
 
 
 @dataclass
@@ -41,6 +44,8 @@ class ServerConfig:
     grpc_management_port: int = 7071
     token_auth: bool = True
     model_api: bool = False
+    # Model metrics merged with TorchServe's defaults; None: TorchServe's defaults alone (no LLM metrics).
+    metrics_config: Optional[Path] = field(default_factory=default_metrics_config)
 
     def url(self, port: int) -> str:
         return f"http://{self.host}:{port}"
@@ -55,6 +60,7 @@ class ServerConfig:
             "grpc_inference_port": str(self.grpc_inference_port),
             "grpc_management_port": str(self.grpc_management_port),
             "metrics_mode": "prometheus",
+            "metrics_config": str(self.run_dir.resolve() / METRICS_FILE),
             "disable_token_authorization": str(not self.token_auth).lower(),
             "enable_model_api": str(self.model_api).lower(),
             "model_store": str(self.model_store.resolve()),
@@ -113,6 +119,7 @@ class TorchServeProcess:
 
     def start(self) -> "TorchServeProcess":
         (self.run_dir / "tmp").mkdir(parents=True, exist_ok=True)
+        write_metrics_config(self.config.metrics_config, self.run_dir / METRICS_FILE)
         properties = write_config_properties(self.config)
         env = {**os.environ, "LOG_LOCATION": str(self.run_dir / "logs"), "METRICS_LOCATION": str(self.run_dir / "logs")}
         log = self._exit_stack.enter_context(self.log_path.open("ab"))

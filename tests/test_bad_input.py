@@ -46,7 +46,7 @@ def llm(tiny_model, llm_factory) -> LLM:
 def assert_untouched(llm: LLM) -> None:
     stats = llm.engine.stats()
     assert not llm.engine.has_unfinished_requests()
-    assert stats.num_waiting == stats.num_running == 0
+    assert stats.num_requests_waiting == stats.num_requests_running == 0
     assert stats.blocks.num_free_blocks == stats.blocks.num_total_blocks
 
 
@@ -77,7 +77,7 @@ def test_duplicate_request_id_is_rejected(llm: LLM) -> None:
     engine.add_request(engine.make_request("dup", PROMPT, SamplingParams(max_tokens=2)))
     with pytest.raises(ValueError, match="request_id 'dup'"):
         engine.make_request("dup", PROMPT, SamplingParams(max_tokens=2))
-    assert engine.stats().num_waiting == 1
+    assert engine.stats().num_requests_waiting == 1
     engine.abort("dup")
     assert_untouched(llm)
 

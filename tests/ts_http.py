@@ -35,7 +35,7 @@ def wait_all_blocks_free(management_url: str, model: str, version: str, timeout:
     while True:
         state = engine_state(management_url, model, version)
         blocks = state["blocks"]
-        idle = state["num_running"] == 0 and state["num_waiting"] == 0
+        idle = state["num_requests_running"] == 0 and state["num_requests_waiting"] == 0
         if idle and blocks["num_free_blocks"] == blocks["num_total_blocks"]:
             return state
         assert time.monotonic() < deadline, f"KV blocks not all free: {state}"
