@@ -5,9 +5,6 @@ inside, registered while the server runs.
 """
 from __future__ import annotations
 
-import json
-import urllib.error
-import urllib.request
 import zipfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -18,7 +15,7 @@ import yaml
 
 from handler.model_store import build_archive
 from handler.server import ServedModel, TorchServeProcess
-from ts_http import http
+from ts_http import http, management_call
 from ts_server import STARTUP_TIMEOUT, small_model_config, torchserve_process
 
 NAME = "smollm2"
@@ -35,24 +32,14 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TorchServeProce
         running.wait_until_ready(NAME, "1.0", STARTUP_TIMEOUT)
         processes = [psutil.Process(running.process.pid), *psutil.Process(running.process.pid).children(recursive=True)]
         path = f"/models?url={NAME}-2.0.mar&model_name={NAME}&initial_workers=1&synchronous=true"
-        status, body = management(running, "POST", path)
+        status, body = management_call(running.management_url, "POST", path)
         assert status == 200, body
         yield running
     assert psutil.wait_procs(processes, timeout=5)[1] == []
 
 
-def management(server: TorchServeProcess, method: str, path: str) -> tuple[int, Any]:
-    """A call as curl makes it: parameters in the query, no JSON body (TorchServe would read that instead)."""
-    request = urllib.request.Request(f"{server.management_url}{path}", method=method)
-    try:
-        with urllib.request.urlopen(request, timeout=300) as response:
-            return response.status, json.load(response)
-    except urllib.error.HTTPError as error:
-        return error.code, json.load(error)
-
-
 def workers(server: TorchServeProcess, version: str) -> list[str]:
-    status, described = management(server, "GET", f"/models/{NAME}/{version}")
+    status, described = management_call(server.management_url, "GET", f"/models/{NAME}/{version}")
     assert status == 200, described
     return [worker["status"] for worker in described[0]["workers"]]
 
@@ -75,27 +62,27 @@ def test_each_version_answers_on_its_own_route(server: TorchServeProcess) -> Non
         assert status == 200 and body["usage"]["completion_tokens"] == 4, body
         status, models = http(f"{ServedModel(server, NAME, version).openai_base_url}/models", method="GET")
         assert status == 200 and models["data"][0]["version"] == version
-    status, listed = management(server, "GET", f"/models/{NAME}/all")
+    status, listed = management_call(server.management_url, "GET", f"/models/{NAME}/all")
     assert sorted(model["modelVersion"] for model in listed) == ["1.0", "2.0"]
 
 
 def test_set_default_moves_the_default_version(server: TorchServeProcess) -> None:
     def default_version() -> str:
-        return management(server, "GET", f"/models/{NAME}")[1][0]["modelVersion"]
+        return management_call(server.management_url, "GET", f"/models/{NAME}")[1][0]["modelVersion"]
 
     assert default_version() == "1.0"
-    assert management(server, "PUT", f"/models/{NAME}/2.0/set-default")[0] == 200
+    assert management_call(server.management_url, "PUT", f"/models/{NAME}/2.0/set-default")[0] == 200
     assert default_version() == "2.0"
-    assert management(server, "PUT", f"/models/{NAME}/1.0/set-default")[0] == 200
+    assert management_call(server.management_url, "PUT", f"/models/{NAME}/1.0/set-default")[0] == 200
     assert default_version() == "1.0"
 
 
 def test_scale_to_two_workers_and_back_to_one(server: TorchServeProcess) -> None:
-    status, body = management(server, "PUT", f"/models/{NAME}/2.0?min_worker=2&synchronous=true")
+    status, body = management_call(server.management_url, "PUT", f"/models/{NAME}/2.0?min_worker=2&synchronous=true")
     assert status == 200, body
     assert workers(server, "2.0") == ["READY", "READY"]
     assert complete(server, "2.0")[0] == 200
-    status, body = management(server, "PUT", f"/models/{NAME}/2.0?min_worker=1&synchronous=true")
+    status, body = management_call(server.management_url, "PUT", f"/models/{NAME}/2.0?min_worker=1&synchronous=true")
     assert status == 200, body
     assert workers(server, "2.0") == ["READY"]
     assert complete(server, "2.0")[0] == 200
@@ -103,9 +90,9 @@ def test_scale_to_two_workers_and_back_to_one(server: TorchServeProcess) -> None
 
 def test_unregister_removes_the_version(server: TorchServeProcess) -> None:
     """Last in this module: version 2.0 is gone afterwards."""
-    status, body = management(server, "DELETE", f"/models/{NAME}/2.0")
+    status, body = management_call(server.management_url, "DELETE", f"/models/{NAME}/2.0")
     assert status == 200, body
-    assert management(server, "GET", f"/models/{NAME}/2.0")[0] == 404
+    assert management_call(server.management_url, "GET", f"/models/{NAME}/2.0")[0] == 404
     assert complete(server, "2.0")[0] == 404
-    assert [model["modelVersion"] for model in management(server, "GET", f"/models/{NAME}/all")[1]] == ["1.0"]
+    assert [model["modelVersion"] for model in management_call(server.management_url, "GET", f"/models/{NAME}/all")[1]] == ["1.0"]
     assert complete(server, "1.0")[0] == 200

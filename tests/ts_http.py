@@ -21,6 +21,16 @@ def http(url: str, body: Any = None, raw: Optional[bytes] = None, method: Option
         return error.code, _parse(error.read())
 
 
+def management_call(management_url: str, method: str, path: str) -> tuple[int, Any]:
+    """A management call as curl makes it: parameters in the query, no JSON body (TorchServe would read that)."""
+    request = urllib.request.Request(f"{management_url}{path}", method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=300) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as error:
+        return error.code, json.load(error)
+
+
 def engine_state(management_url: str, model: str, version: str) -> dict[str, Any]:
     """The handler's describe output: the engine's live request counts and KV block stats."""
     status, described = http(f"{management_url}/models/{model}/{version}?customized=true", method="GET")

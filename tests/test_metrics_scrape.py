@@ -1,0 +1,208 @@
+"""LLM metrics as a user scrapes them: a real TorchServe's :metrics_port/metrics, parsed by prometheus_client.
+
+Version 1.0 is the session's server model; version 2.0, registered here beside it, is the same model with a
+KV cache of 12 blocks, so that it must preempt.
+"""
+from __future__ import annotations
+
+import time
+import urllib.request
+import uuid
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
+
+from handler.metrics import LLM_METRICS
+from handler.model_store import build_archive
+from handler.server import ServedModel
+from ts_http import http, management_call, wait_all_blocks_free
+from ts_server import small_model_config
+
+TINY_KV = {"num_kv_blocks": 12, "max_model_len": 192}
+HISTOGRAMS = [name for name, (kind, _) in LLM_METRICS.items() if kind.value == "histogram"]
+LONG_TEXT = "The quick brown fox jumps over the lazy dog while the cat watches from the warm windowsill. "
+
+
+@dataclass
+class Scrape:
+    """One scrape of /metrics; `value` sums the samples of one model version that match the labels."""
+
+    samples: list[Sample]
+
+    def value(self, name: str, served: ServedModel, **labels: str) -> float:
+        wanted = {"model_name": served.model_name, "model_version": served.model_version, **labels}
+        return sum(
+            s.value for s in self.samples if s.name == name and all(s.labels.get(k) == v for k, v in wanted.items())
+        )
+
+    def has_series(self, name: str, served: ServedModel) -> bool:
+        return any(s.name == name and s.labels.get("model_version") == served.model_version for s in self.samples)
+
+
+def scrape(served: ServedModel) -> Scrape:
+    with urllib.request.urlopen(f"{served.metrics_url}/metrics", timeout=30) as response:
+        text = response.read().decode()
+    return Scrape([sample for family in text_string_to_metric_families(text) for sample in family.samples])
+
+
+def wait_for_scrape(served: ServedModel, condition: Callable[[Scrape], bool], timeout: float = 30.0) -> Scrape:
+    """Scrape until `condition` holds; the engine publishes its stats at a bounded rate, not at once."""
+    deadline = time.monotonic() + timeout
+    while True:
+        current = scrape(served)
+        if condition(current):
+            return current
+        assert time.monotonic() < deadline, "the metrics did not reach the expected state in time"
+        time.sleep(0.2)
+
+
+def wait_for_finished(served: ServedModel, before: Scrape, count: int) -> Scrape:
+    """Scrape once `count` more requests have been recorded (their e2e latency observed)."""
+    name = "e2e_request_latency_seconds_count"
+    return wait_for_scrape(served, lambda s: s.value(name, served) - before.value(name, served) >= count)
+
+
+def client(served: ServedModel) -> openai.OpenAI:
+    return openai.OpenAI(base_url=served.openai_base_url, api_key="unused", max_retries=0, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def tiny_kv(torchserve: ServedModel) -> Iterator[ServedModel]:
+    """smollm2 version 2.0 with a 12-block KV cache, registered on the session's server for this module."""
+    store = torchserve.server.config.model_store
+    folder = build_archive(torchserve.model_name, "2.0", small_model_config(**TINY_KV), store)
+    path = f"/models?url={folder.name}&model_name={torchserve.model_name}&initial_workers=1&synchronous=true"
+    status, body = management_call(torchserve.management_url, "POST", path)
+    assert status == 200, body
+    yield ServedModel(torchserve.server, torchserve.model_name, "2.0")
+    status, body = management_call(torchserve.management_url, "DELETE", f"/models/{torchserve.model_name}/2.0")
+    assert status == 200, body
+
+
+@pytest.fixture(autouse=True)
+def server_blocks_free_after_test(torchserve: ServedModel) -> Iterator[None]:
+    yield
+    wait_all_blocks_free(torchserve.management_url, torchserve.model_name, torchserve.model_version)
+
+
+def test_counters_and_histograms_add_up_to_the_responses(torchserve: ServedModel) -> None:
+    api = client(torchserve)
+    extra = {"min_tokens": 2}
+    calls: list[Callable[[], Any]] = [
+        lambda: api.completions.create(model="smollm2", prompt="Once upon a time", max_tokens=9, extra_body=extra),
+        lambda: api.completions.create(model="smollm2", prompt="1, 2, 3,", max_tokens=4, temperature=0, extra_body=extra),
+        lambda: api.chat.completions.create(
+            model="smollm2", messages=[{"role": "user", "content": "Say hi."}], max_tokens=40, temperature=0,
+            extra_body=extra,
+        ),
+        lambda: api.chat.completions.create(
+            model="smollm2", messages=[{"role": "user", "content": "Name a color."}], max_tokens=6, extra_body=extra,
+        ),
+        lambda: api.completions.create(model="smollm2", prompt="The sky is", max_tokens=12, extra_body=extra),
+    ]
+    before = scrape(torchserve)
+    started = time.monotonic()
+    with ThreadPoolExecutor(len(calls)) as pool:
+        responses = list(pool.map(lambda call: call(), calls))
+    elapsed = time.monotonic() - started
+    after = wait_for_finished(torchserve, before, len(calls))
+
+    def delta(name: str, **labels: str) -> float:
+        return after.value(name, torchserve, **labels) - before.value(name, torchserve, **labels)
+
+    prompt_tokens = sum(r.usage.prompt_tokens for r in responses)
+    completion_tokens = sum(r.usage.completion_tokens for r in responses)
+    assert delta("prompt_tokens_total") == delta("request_prompt_tokens_sum") == prompt_tokens
+    assert delta("generation_tokens_total") == delta("request_generation_tokens_sum") == completion_tokens
+    reasons = Counter(choice.finish_reason for r in responses for choice in r.choices)
+    for reason in ("stop", "length", "abort"):
+        assert delta("request_success_total", finished_reason=reason) == reasons[reason], reason
+    for name in HISTOGRAMS:
+        assert delta(f"{name}_count") == len(calls), name
+    ttft, e2e = delta("time_to_first_token_seconds_sum"), delta("e2e_request_latency_seconds_sum")
+    assert 0 < delta("request_queue_time_seconds_sum") <= ttft < e2e <= elapsed * len(calls)
+    assert 0 < delta("time_per_output_token_seconds_sum") < e2e
+
+
+def test_the_same_long_prompt_twice_hits_the_prefix_cache(torchserve: ServedModel) -> None:
+    prompt = f"{uuid.uuid4()} " + LONG_TEXT * 3  # unique, so the first request finds nothing cached
+    api = client(torchserve)
+    hits_by_request = []
+    for _ in range(2):
+        before = scrape(torchserve)
+        api.completions.create(model="smollm2", prompt=prompt, max_tokens=2)
+        after = wait_for_finished(torchserve, before, 1)
+        hits_by_request.append(after.value("prefix_cache_hits_total", torchserve) - before.value("prefix_cache_hits_total", torchserve))
+        queries = after.value("prefix_cache_queries_total", torchserve) - before.value("prefix_cache_queries_total", torchserve)
+        assert queries == after.value("request_prompt_tokens_sum", torchserve) - before.value("request_prompt_tokens_sum", torchserve)
+    assert hits_by_request[0] == 0
+    assert hits_by_request[1] >= 48, "a prompt of over 64 tokens should find at least 3 cached blocks of 16"
+
+
+def test_a_tiny_kv_cache_preempts_and_loses_no_request(torchserve: ServedModel, tiny_kv: ServedModel) -> None:
+    api = client(tiny_kv)
+    before = scrape(tiny_kv)
+
+    def run(i: int) -> Any:
+        return api.completions.create(
+            model="smollm2", prompt=f"Story {i}: " + LONG_TEXT[:60], max_tokens=100, temperature=0,
+            extra_body={"ignore_eos": True},
+        )
+
+    with ThreadPoolExecutor(3) as pool:
+        responses = list(pool.map(run, range(3)))
+    after = wait_for_finished(tiny_kv, before, 3)
+    assert [(r.usage.completion_tokens, r.choices[0].finish_reason) for r in responses] == [(100, "length")] * 3
+    assert after.value("num_preemptions_total", tiny_kv) > before.value("num_preemptions_total", tiny_kv)
+    success = "request_success_total"
+    assert after.value(success, tiny_kv, finished_reason="length") - before.value(success, tiny_kv, finished_reason="length") == 3
+    wait_all_blocks_free(tiny_kv.management_url, tiny_kv.model_name, tiny_kv.model_version)
+
+
+def test_gauges_show_requests_in_flight_then_return_to_rest(torchserve: ServedModel) -> None:
+    api = client(torchserve)
+
+    def run(i: int) -> Any:
+        return api.completions.create(
+            model="smollm2", prompt=f"Count to {i + 100}:", max_tokens=150, extra_body={"ignore_eos": True}
+        )
+
+    with ThreadPoolExecutor(3) as pool:
+        futures = [pool.submit(run, i) for i in range(3)]
+        busy = wait_for_scrape(torchserve, lambda s: s.value("num_requests_running", torchserve) > 0)
+        assert busy.value("kv_cache_usage_perc", torchserve) > 0
+        assert all(future.result().usage.completion_tokens == 150 for future in futures)
+    rest = wait_for_scrape(torchserve, lambda s: s.value("num_requests_running", torchserve) == 0)
+    assert rest.value("num_requests_waiting", torchserve) == 0
+    assert rest.value("kv_cache_usage_perc", torchserve) == 0.0, "cached but unheld blocks count as free"
+
+
+def test_two_versions_are_separate_series(torchserve: ServedModel, tiny_kv: ServedModel) -> None:
+    before = {served.model_version: scrape(served) for served in (torchserve, tiny_kv)}
+    for served, tokens in ((torchserve, 3), (tiny_kv, 5)):
+        client(served).completions.create(
+            model="smollm2", prompt="Hello", max_tokens=tokens, extra_body={"ignore_eos": True}
+        )
+    for served, tokens in ((torchserve, 3), (tiny_kv, 5)):
+        after = wait_for_finished(served, before[served.model_version], 1)
+        generated = after.value("generation_tokens_total", served) - before[served.model_version].value("generation_tokens_total", served)
+        assert generated == tokens, served.model_version
+        missing = [name for name in LLM_METRICS if not after.has_series(name if LLM_METRICS[name][0].value != "histogram" else f"{name}_count", served)]
+        assert set(missing) <= {"request_rejected_total"}, f"series missing for version {served.model_version}: {missing}"
+    wait_all_blocks_free(tiny_kv.management_url, tiny_kv.model_name, tiny_kv.model_version)
+
+
+def test_rejected_requests_are_counted_by_error_type(torchserve: ServedModel) -> None:
+    name, labels = "request_rejected_total", {"error_type": "invalid_request_error"}
+    before = scrape(torchserve)
+    status, body = http(f"{torchserve.openai_base_url}/completions", body={"prompt": "Hi", "max_tokens": 0})
+    assert status == 400 and body["error"]["param"] == "max_tokens"
+    after = wait_for_scrape(torchserve, lambda s: s.value(name, torchserve, **labels) > before.value(name, torchserve, **labels))
+    assert after.value(name, torchserve, **labels) - before.value(name, torchserve, **labels) == 1
+    assert after.value("prompt_tokens_total", torchserve) == before.value("prompt_tokens_total", torchserve)
