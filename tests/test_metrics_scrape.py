@@ -1,7 +1,7 @@
 """LLM metrics as a user scrapes them: a real TorchServe's :metrics_port/metrics, parsed by prometheus_client.
 
 Version 1.0 is the session's server model; version 2.0, registered here beside it, is the same model with a
-KV cache of 12 blocks, so that it must preempt.
+KV cache of 8 blocks, so that it must preempt.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from handler.server import ServedModel
 from ts_http import http, management_call, wait_all_blocks_free
 from ts_server import small_model_config
 
-TINY_KV = {"num_kv_blocks": 12, "max_model_len": 192}
+TINY_KV = {"num_kv_blocks": 8, "max_model_len": 128}
 HISTOGRAMS = [name for name, (kind, _) in LLM_METRICS.items() if kind.value == "histogram"]
 LONG_TEXT = "The quick brown fox jumps over the lazy dog while the cat watches from the warm windowsill. "
 
@@ -74,7 +74,7 @@ def client(served: ServedModel) -> openai.OpenAI:
 
 @pytest.fixture(scope="module")
 def tiny_kv(torchserve: ServedModel) -> Iterator[ServedModel]:
-    """smollm2 version 2.0 with a 12-block KV cache, registered on the session's server for this module."""
+    """smollm2 version 2.0 with an 8-block KV cache, registered on the session's server for this module."""
     store = torchserve.server.config.model_store
     folder = build_archive(torchserve.model_name, "2.0", small_model_config(**TINY_KV), store)
     path = f"/models?url={folder.name}&model_name={torchserve.model_name}&initial_workers=1&synchronous=true"
@@ -151,14 +151,14 @@ def test_a_tiny_kv_cache_preempts_and_loses_no_request(torchserve: ServedModel, 
 
     def run(i: int) -> Any:
         return api.completions.create(
-            model="smollm2", prompt=f"Story {i}: " + LONG_TEXT[:60], max_tokens=100, temperature=0,
+            model="smollm2", prompt=f"Story {i}: " + LONG_TEXT[:60], max_tokens=60, temperature=0,
             extra_body={"ignore_eos": True},
         )
 
     with ThreadPoolExecutor(3) as pool:
         responses = list(pool.map(run, range(3)))
     after = wait_for_finished(tiny_kv, before, 3)
-    assert [(r.usage.completion_tokens, r.choices[0].finish_reason) for r in responses] == [(100, "length")] * 3
+    assert [(r.usage.completion_tokens, r.choices[0].finish_reason) for r in responses] == [(60, "length")] * 3
     assert after.value("num_preemptions_total", tiny_kv) > before.value("num_preemptions_total", tiny_kv)
     success = "request_success_total"
     assert after.value(success, tiny_kv, finished_reason="length") - before.value(success, tiny_kv, finished_reason="length") == 3
@@ -170,14 +170,14 @@ def test_gauges_show_requests_in_flight_then_return_to_rest(torchserve: ServedMo
 
     def run(i: int) -> Any:
         return api.completions.create(
-            model="smollm2", prompt=f"Count to {i + 100}:", max_tokens=150, extra_body={"ignore_eos": True}
+            model="smollm2", prompt=f"Count to {i + 100}:", max_tokens=60, extra_body={"ignore_eos": True}
         )
 
-    with ThreadPoolExecutor(3) as pool:
-        futures = [pool.submit(run, i) for i in range(3)]
+    with ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(run, i) for i in range(2)]
         busy = wait_for_scrape(torchserve, lambda s: s.value("num_requests_running", torchserve) > 0)
         assert busy.value("kv_cache_usage_perc", torchserve) > 0
-        assert all(future.result().usage.completion_tokens == 150 for future in futures)
+        assert all(future.result().usage.completion_tokens == 60 for future in futures)
     rest = wait_for_scrape(torchserve, lambda s: s.value("num_requests_running", torchserve) == 0)
     assert rest.value("num_requests_waiting", torchserve) == 0
     assert rest.value("kv_cache_usage_perc", torchserve) == 0.0, "cached but unheld blocks count as free"
