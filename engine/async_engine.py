@@ -130,7 +130,8 @@ class AsyncLLMEngine:
             busy = self.engine.has_unfinished_requests()
             if busy:
                 self._step()
-            self._log_stats_when_due()
+            if self._seconds_to_stats() == 0.0:
+                self._log_stats()
             if not busy:
                 self._wakeup.wait(self._seconds_to_stats())
 
@@ -151,9 +152,7 @@ class AsyncLLMEngine:
             return None
         return max(self._next_stats_time - time.monotonic(), 0.0)
 
-    def _log_stats_when_due(self) -> None:
-        if self._seconds_to_stats() != 0.0:
-            return
+    def _log_stats(self) -> None:
         self._stats_pending = False
         self._next_stats_time = time.monotonic() + self.engine.config.stats_interval_s
         stats, finished = self.engine.stats(), self.engine.counters.take_finished()

@@ -58,18 +58,17 @@ class RequestCounters:
         self.generation_tokens += 1
 
     def finish(self, request: Request) -> None:
-        request.times.finished = time.monotonic()
+        request.times.finished = now = time.monotonic()
         if self.keep_finished:
-            self._finished.append(finished_request_stats(request))
+            self._finished.append(finished_request_stats(request, now))
 
     def take_finished(self) -> list[FinishedRequestStats]:
         taken, self._finished = self._finished, []
         return taken
 
 
-def finished_request_stats(request: Request) -> FinishedRequestStats:
+def finished_request_stats(request: Request, finished: float) -> FinishedRequestStats:
     times = request.times
-    finished = times.finished if times.finished is not None else time.monotonic()
     num_output = max(seq.num_output_tokens for seq in request.seqs)
     return FinishedRequestStats(
         finish_reasons=[seq.finish_reason or "abort" for seq in request.seqs],

@@ -1,11 +1,16 @@
 """The engine's statistics as TorchServe metrics: the metrics YAML (checked, merged with TorchServe's defaults)
-and the bridge that feeds `context.metrics`, which TorchServe serves at :8082/metrics in prometheus mode."""
+and the bridge that feeds `context.metrics`, which TorchServe serves at :8082/metrics in prometheus mode.
+
+`python -m handler.metrics --output FILE` writes the merged YAML for a TorchServe started without our launcher.
+"""
 from __future__ import annotations
 
+import argparse
 import asyncio
 import copy
 import logging
 import re
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -263,3 +268,25 @@ def _declared_llm_metrics(cache: MetricCacheAbstract) -> dict[str, CachingMetric
     if missing:
         logger.info("LLM metrics not in the metrics config, so not reported: %s", missing)
     return declared
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m handler.metrics",
+        description="Write TorchServe's default metrics YAML merged with ours, for config.properties' "
+        "metrics_config= (with metrics_mode=prometheus) when you start TorchServe yourself.",
+    )
+    p.add_argument("--config", type=Path, default=default_metrics_config(), help="default: model-config/metrics.yaml")
+    p.add_argument("--output", type=Path, required=True, help="the merged YAML to write")
+    args = p.parse_args(argv)
+    try:
+        write_metrics_config(args.config, args.output)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -91,6 +91,19 @@ def test_the_launcher_refuses_a_bad_metrics_yaml_before_starting_torchserve(tmp_
     assert "TorchServe is serving" not in result.stdout
 
 
+def test_the_merged_yaml_can_be_written_for_a_torchserve_started_by_hand(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "handler.metrics", "--output", str(tmp_path / "merged.yaml")]
+    assert subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=60).returncode == 0
+    written = yaml.safe_load((tmp_path / "merged.yaml").read_text())
+    assert written == merged_metrics_config(read_metrics_yaml(DEFAULT_METRICS_CONFIG))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"model_metrics": {"gauge": [{**GAUGE, "unit": "%"}]}}))
+    command[-1:] = [str(tmp_path / "other.yaml"), "--config", str(bad)]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "model_metrics.gauge[0] (my_gauge): unit must be" in result.stderr
+    assert not (tmp_path / "other.yaml").exists()
+
+
 def stats(running: int, prompt_tokens: int, usage: float = 0.0) -> EngineStats:
     blocks = BlockStats(10, 10, 0, 0, prefix_cache_queries=prompt_tokens, prefix_cache_hits=0)
     return EngineStats(running, 0, usage, 0, prompt_tokens, 2 * prompt_tokens, blocks)
