@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import copy
 import logging
+import os
 import re
 import sys
 from pathlib import Path
@@ -28,11 +29,13 @@ logger = logging.getLogger(__name__)
 DEFAULT_METRICS_CONFIG = Path(__file__).resolve().parent.parent / "model-config" / "metrics.yaml"
 TS_METRICS_CONFIG = Path(ts.__file__).resolve().parent / "configs" / "metrics.yaml"
 MODEL = ("model_name", "model_version")
+# Each worker process sets its own gauges: with several workers per version, one shared series would flip.
+WORKER_GAUGE = (*MODEL, "worker_pid")
 # What the bridge emits: name -> (type, dimensions). The YAML may leave a metric out, not change it.
 LLM_METRICS: dict[str, tuple[MetricTypes, tuple[str, ...]]] = {
-    "num_requests_running": (MetricTypes.GAUGE, MODEL),
-    "num_requests_waiting": (MetricTypes.GAUGE, MODEL),
-    "kv_cache_usage_perc": (MetricTypes.GAUGE, MODEL),
+    "num_requests_running": (MetricTypes.GAUGE, WORKER_GAUGE),
+    "num_requests_waiting": (MetricTypes.GAUGE, WORKER_GAUGE),
+    "kv_cache_usage_perc": (MetricTypes.GAUGE, WORKER_GAUGE),
     "prompt_tokens_total": (MetricTypes.COUNTER, MODEL),
     "generation_tokens_total": (MetricTypes.COUNTER, MODEL),
     "prefix_cache_queries_total": (MetricTypes.COUNTER, MODEL),
@@ -131,7 +134,7 @@ class TorchServeMetrics:
     """
 
     def __init__(self, cache: MetricCacheAbstract, model_name: str, model_version: str) -> None:
-        self.labels = {"model_name": model_name, "model_version": model_version}
+        self.labels = {"model_name": model_name, "model_version": model_version, "worker_pid": str(os.getpid())}
         self.metrics = _declared_llm_metrics(cache)
         self._sent: dict[str, float] = {}
         self._loop: Optional[asyncio.AbstractEventLoop] = None

@@ -206,3 +206,22 @@ def test_rejected_requests_are_counted_by_error_type(torchserve: ServedModel) ->
     after = wait_for_scrape(torchserve, lambda s: s.value(name, torchserve, **labels) > before.value(name, torchserve, **labels))
     assert after.value(name, torchserve, **labels) - before.value(name, torchserve, **labels) == 1
     assert after.value("prompt_tokens_total", torchserve) == before.value("prompt_tokens_total", torchserve)
+
+
+def test_each_worker_of_a_version_has_its_own_gauges(tiny_kv: ServedModel) -> None:
+    path = f"/models/{tiny_kv.model_name}/{tiny_kv.model_version}?min_worker=2&synchronous=true"
+    status, body = management_call(tiny_kv.management_url, "PUT", path)
+    assert status == 200, body
+    try:
+        workers = wait_for_scrape(tiny_kv, lambda s: len(worker_pids(s, tiny_kv)) == 2)
+        assert all(workers.value("kv_cache_usage_perc", tiny_kv, worker_pid=pid) == 0 for pid in worker_pids(workers, tiny_kv))
+    finally:
+        status, body = management_call(tiny_kv.management_url, "PUT", path.replace("min_worker=2", "min_worker=1"))
+        assert status == 200, body
+
+
+def worker_pids(scraped: Scrape, served: ServedModel) -> set[str]:
+    return {
+        s.labels["worker_pid"] for s in scraped.samples
+        if s.name == "num_requests_running" and s.labels.get("model_version") == served.model_version
+    }

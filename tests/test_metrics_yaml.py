@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import re
 import subprocess
 import sys
@@ -141,7 +142,9 @@ def test_the_bridge_sends_counters_as_increments_and_gauges_only_when_they_chang
     bridge.record(stats(2, 42, 0.25), [FINISHED])
     sent = metric_lines(caplog)
     assert [value for name, value, _ in sent if name == "prompt_tokens_total"] == [30, 12]
-    assert [value for name, value, _ in sent if name == "num_requests_running"] == [2]
+    assert [(value, dims) for name, value, dims in sent if name == "num_requests_running"] == [
+        (2, f"model_name:m,model_version:1.0,worker_pid:{os.getpid()}")
+    ]
     assert [dims.split(",")[-1] for name, _, dims in sent if name == "request_success_total"] == [
         "finished_reason:stop", "finished_reason:length"
     ]
