@@ -26,7 +26,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     enable_prefix_caching: bool = True
     num_threads: Optional[int] = None
-    stats_interval_s: float = 0.5  # AsyncLLMEngine: the most often stat loggers are called
+    stats_interval_s: float = 0.5  # AsyncLLMEngine calls its stat loggers at most once per this many seconds
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

@@ -53,10 +53,9 @@ LLM_METRICS: dict[str, tuple[MetricTypes, tuple[str, ...]]] = {
 FINISH_REASONS = ("stop", "length", "abort")
 SECTIONS = ("ts_metrics", "model_metrics")
 ENTRY_KEYS = ("name", "unit", "dimensions")
-# TorchServe's metric lines allow only word characters in names and units; Prometheus wants a name's first
-# character to be no digit.
-NAME = re.compile(r"[A-Za-z_]\w*")
-UNIT = re.compile(r"[\w ]+")
+# TorchServe's metric lines allow only word characters in names and units; Prometheus names start with no digit.
+NAME = re.compile(r"[A-Za-z_]\w*", re.ASCII)
+UNIT = re.compile(r"[\w ]+", re.ASCII)
 
 
 def default_metrics_config() -> Optional[Path]:
@@ -231,8 +230,9 @@ def _check_entry(where: str, entry: Any, section: str) -> None:
     if not isinstance(entry, dict):
         raise ValueError(f"{where}: a metric must be a mapping with {', '.join(ENTRY_KEYS)}")
     unknown, missing = sorted(set(entry) - set(ENTRY_KEYS)), [k for k in ENTRY_KEYS if k not in entry]
-    if unknown or missing:
-        raise ValueError(f"{where}: unknown key(s) {unknown}, missing key(s) {missing}; a metric has {ENTRY_KEYS}")
+    problems = [f"{what} key(s) {keys}" for what, keys in (("unknown", unknown), ("missing", missing)) if keys]
+    if problems:
+        raise ValueError(f"{where}: {', '.join(problems)}; a metric has exactly {', '.join(ENTRY_KEYS)}")
     if not isinstance(entry["name"], str) or not NAME.fullmatch(entry["name"]):
         raise ValueError(f"{where}: name must be letters, digits and underscores, got {entry['name']!r}")
     if not isinstance(entry["unit"], str) or not UNIT.fullmatch(entry["unit"]):
