@@ -265,7 +265,9 @@ def _declared_llm_metrics(cache: MetricCacheAbstract) -> dict[str, CachingMetric
         except MetricsCacheKeyError:
             continue
         if sorted(metric.dimension_names) != sorted(dimensions):
-            raise ValueError(f"metrics config: {name} has dimensions {metric.dimension_names}, expected {list(dimensions)}")
+            raise ValueError(
+                f"metrics config: {name} has dimensions {metric.dimension_names}, expected {list(dimensions)}"
+            )
         declared[name] = metric
     missing = sorted(set(LLM_METRICS) - set(declared))
     if missing:

@@ -17,6 +17,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
+from ts.metrics.metric_type_enum import MetricTypes
 
 from handler.metrics import LLM_METRICS
 from handler.model_store import build_archive
@@ -25,7 +26,7 @@ from ts_http import http, management_call, wait_all_blocks_free
 from ts_server import small_model_config
 
 TINY_KV = {"num_kv_blocks": 8, "max_model_len": 128}
-HISTOGRAMS = [name for name, (kind, _) in LLM_METRICS.items() if kind.value == "histogram"]
+HISTOGRAMS = [name for name, (kind, _) in LLM_METRICS.items() if kind == MetricTypes.HISTOGRAM]
 LONG_TEXT = "The quick brown fox jumps over the lazy dog while the cat watches from the warm windowsill. "
 
 
@@ -40,6 +41,9 @@ class Scrape:
         return sum(
             s.value for s in self.samples if s.name == name and all(s.labels.get(k) == v for k, v in wanted.items())
         )
+
+    def since(self, before: "Scrape", name: str, served: ServedModel, **labels: str) -> float:
+        return self.value(name, served, **labels) - before.value(name, served, **labels)
 
     def has_series(self, name: str, served: ServedModel) -> bool:
         return any(s.name == name and s.labels.get("model_version") == served.model_version for s in self.samples)
@@ -65,7 +69,12 @@ def wait_for_scrape(served: ServedModel, condition: Callable[[Scrape], bool], ti
 def wait_for_finished(served: ServedModel, before: Scrape, count: int) -> Scrape:
     """Scrape once `count` more requests have been recorded (their e2e latency observed)."""
     name = "e2e_request_latency_seconds_count"
-    return wait_for_scrape(served, lambda s: s.value(name, served) - before.value(name, served) >= count)
+    return wait_for_scrape(served, lambda s: s.since(before, name, served) >= count)
+
+
+def sample_name(metric: str) -> str:
+    """The sample that every series of `metric` has: histograms are scraped as _bucket, _sum and _count."""
+    return f"{metric}_count" if metric in HISTOGRAMS else metric
 
 
 def client(served: ServedModel) -> openai.OpenAI:
@@ -96,7 +105,9 @@ def test_counters_and_histograms_add_up_to_the_responses(torchserve: ServedModel
     extra = {"min_tokens": 2}
     calls: list[Callable[[], Any]] = [
         lambda: api.completions.create(model="smollm2", prompt="Once upon a time", max_tokens=9, extra_body=extra),
-        lambda: api.completions.create(model="smollm2", prompt="1, 2, 3,", max_tokens=4, temperature=0, extra_body=extra),
+        lambda: api.completions.create(
+            model="smollm2", prompt="1, 2, 3,", max_tokens=4, temperature=0, extra_body=extra
+        ),
         lambda: api.chat.completions.create(
             model="smollm2", messages=[{"role": "user", "content": "Say hi."}], max_tokens=40, temperature=0,
             extra_body=extra,
@@ -114,7 +125,7 @@ def test_counters_and_histograms_add_up_to_the_responses(torchserve: ServedModel
     after = wait_for_finished(torchserve, before, len(calls))
 
     def delta(name: str, **labels: str) -> float:
-        return after.value(name, torchserve, **labels) - before.value(name, torchserve, **labels)
+        return after.since(before, name, torchserve, **labels)
 
     prompt_tokens = sum(r.usage.prompt_tokens for r in responses)
     completion_tokens = sum(r.usage.completion_tokens for r in responses)
@@ -138,9 +149,9 @@ def test_the_same_long_prompt_twice_hits_the_prefix_cache(torchserve: ServedMode
         before = scrape(torchserve)
         api.completions.create(model="smollm2", prompt=prompt, max_tokens=2)
         after = wait_for_finished(torchserve, before, 1)
-        hits_by_request.append(after.value("prefix_cache_hits_total", torchserve) - before.value("prefix_cache_hits_total", torchserve))
-        queries = after.value("prefix_cache_queries_total", torchserve) - before.value("prefix_cache_queries_total", torchserve)
-        assert queries == after.value("request_prompt_tokens_sum", torchserve) - before.value("request_prompt_tokens_sum", torchserve)
+        hits_by_request.append(after.since(before, "prefix_cache_hits_total", torchserve))
+        queries = after.since(before, "prefix_cache_queries_total", torchserve)
+        assert queries == after.since(before, "request_prompt_tokens_sum", torchserve)
     assert hits_by_request[0] == 0
     assert hits_by_request[1] >= 48, "a prompt of over 64 tokens should find at least 3 cached blocks of 16"
 
@@ -159,9 +170,8 @@ def test_a_tiny_kv_cache_preempts_and_loses_no_request(torchserve: ServedModel, 
         responses = list(pool.map(run, range(3)))
     after = wait_for_finished(tiny_kv, before, 3)
     assert [(r.usage.completion_tokens, r.choices[0].finish_reason) for r in responses] == [(60, "length")] * 3
-    assert after.value("num_preemptions_total", tiny_kv) > before.value("num_preemptions_total", tiny_kv)
-    success = "request_success_total"
-    assert after.value(success, tiny_kv, finished_reason="length") - before.value(success, tiny_kv, finished_reason="length") == 3
+    assert after.since(before, "num_preemptions_total", tiny_kv) > 0
+    assert after.since(before, "request_success_total", tiny_kv, finished_reason="length") == 3
     wait_all_blocks_free(tiny_kv.management_url, tiny_kv.model_name, tiny_kv.model_version)
 
 
@@ -191,10 +201,9 @@ def test_two_versions_are_separate_series(torchserve: ServedModel, tiny_kv: Serv
         )
     for served, tokens in ((torchserve, 3), (tiny_kv, 5)):
         after = wait_for_finished(served, before[served.model_version], 1)
-        generated = after.value("generation_tokens_total", served) - before[served.model_version].value("generation_tokens_total", served)
-        assert generated == tokens, served.model_version
-        missing = [name for name in LLM_METRICS if not after.has_series(name if LLM_METRICS[name][0].value != "histogram" else f"{name}_count", served)]
-        assert set(missing) <= {"request_rejected_total"}, f"series missing for version {served.model_version}: {missing}"
+        assert after.since(before[served.model_version], "generation_tokens_total", served) == tokens
+        missing = [name for name in LLM_METRICS if not after.has_series(sample_name(name), served)]
+        assert set(missing) <= {"request_rejected_total"}, f"version {served.model_version} lacks {missing}"
     wait_all_blocks_free(tiny_kv.management_url, tiny_kv.model_name, tiny_kv.model_version)
 
 
@@ -203,9 +212,9 @@ def test_rejected_requests_are_counted_by_error_type(torchserve: ServedModel) ->
     before = scrape(torchserve)
     status, body = http(f"{torchserve.openai_base_url}/completions", body={"prompt": "Hi", "max_tokens": 0})
     assert status == 400 and body["error"]["param"] == "max_tokens"
-    after = wait_for_scrape(torchserve, lambda s: s.value(name, torchserve, **labels) > before.value(name, torchserve, **labels))
-    assert after.value(name, torchserve, **labels) - before.value(name, torchserve, **labels) == 1
-    assert after.value("prompt_tokens_total", torchserve) == before.value("prompt_tokens_total", torchserve)
+    after = wait_for_scrape(torchserve, lambda s: s.since(before, name, torchserve, **labels) > 0)
+    assert after.since(before, name, torchserve, **labels) == 1
+    assert after.since(before, "prompt_tokens_total", torchserve) == 0
 
 
 def test_each_worker_of_a_version_has_its_own_gauges(tiny_kv: ServedModel) -> None:
@@ -214,7 +223,8 @@ def test_each_worker_of_a_version_has_its_own_gauges(tiny_kv: ServedModel) -> No
     assert status == 200, body
     try:
         workers = wait_for_scrape(tiny_kv, lambda s: len(worker_pids(s, tiny_kv)) == 2)
-        assert all(workers.value("kv_cache_usage_perc", tiny_kv, worker_pid=pid) == 0 for pid in worker_pids(workers, tiny_kv))
+        for pid in worker_pids(workers, tiny_kv):
+            assert workers.value("kv_cache_usage_perc", tiny_kv, worker_pid=pid) == 0
     finally:
         status, body = management_call(tiny_kv.management_url, "PUT", path.replace("min_worker=2", "min_worker=1"))
         assert status == 200, body
