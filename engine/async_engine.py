@@ -6,9 +6,10 @@ import logging
 import threading
 import time
 from collections import deque
-from typing import Any, AsyncIterator, Optional
+from typing import Any, AsyncIterator, Callable, Optional
 
 from engine.config import EngineConfig
+from engine.errors import EngineDeadError
 from engine.llm_engine import LLMEngine, Prompt
 from engine.metrics import EngineStats, StatLogger
 from engine.outputs import RequestOutput
@@ -16,10 +17,6 @@ from engine.sampling_params import SamplingParams
 from engine.sequence import Request
 
 logger = logging.getLogger(__name__)
-
-
-class EngineDeadError(RuntimeError):
-    pass
 
 
 class _Stream:
@@ -43,10 +40,13 @@ class AsyncLLMEngine:
         self._wakeup = threading.Event()
         self._stopped = False
         self._stat_loggers: list[StatLogger] = []
+        self._death_callbacks: list[Callable[[EngineDeadError], None]] = []
+        self._fatal_error: Optional[EngineDeadError] = None
         self._stats_pending = False
         self._next_stats_time = 0.0
         self._thread = threading.Thread(target=self._run, name="engine-step", daemon=True)
         self._thread.start()
+        engine.watch_workers(self._worker_died)
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> "AsyncLLMEngine":
@@ -79,7 +79,7 @@ class AsyncLLMEngine:
         """Run a request from `make_request`, yielding its deltas; leaving the loop early aborts it."""
         request_id = request.request_id
         if self._stopped:
-            raise EngineDeadError("the engine is shut down")
+            raise self._fatal_error or EngineDeadError("the engine is shut down")
         if request_id in self._streams:
             raise ValueError(f"request_id {request_id!r} is already in use")
         stream = self._streams[request_id] = _Stream()
@@ -114,6 +114,13 @@ class AsyncLLMEngine:
         self.engine.counters.keep_finished = True
         self._stat_loggers.append(stat_logger)
 
+    def add_death_callback(self, callback: Callable[[EngineDeadError], None]) -> None:
+        """Call `callback(error)` from the step thread if the engine fails for good (a tensor-parallel worker died).
+
+        By then every running request has been failed with that error, and new ones are refused with it.
+        """
+        self._death_callbacks.append(callback)
+
     def shutdown(self) -> None:
         self._stopped = True
         self._wakeup.set()
@@ -122,10 +129,14 @@ class AsyncLLMEngine:
             self.engine.abort(request_id)
         for stream in self._streams.values():
             stream.put(EngineDeadError("the engine was shut down"))
+        self.engine.shutdown()
 
     def _run(self) -> None:
         while not self._stopped:
             self._wakeup.clear()
+            if self._fatal_error is not None:
+                self._die(self._fatal_error)
+                return
             self._apply_commands()
             busy = self.engine.has_unfinished_requests()
             if busy:
@@ -139,6 +150,9 @@ class AsyncLLMEngine:
         self._stats_pending = True
         try:
             outputs = self.engine.step()
+        except EngineDeadError as exc:
+            self._die(exc)
+            return
         except Exception as exc:
             logger.exception("engine step failed; aborting its requests")
             self._fail_all(exc)
@@ -177,6 +191,21 @@ class AsyncLLMEngine:
         stream = self._streams.get(output.request_id)
         if stream is not None:
             stream.put(output)
+
+    def _worker_died(self, error: EngineDeadError) -> None:
+        self._fatal_error = error
+        self._wakeup.set()
+
+    def _die(self, error: EngineDeadError) -> None:
+        logger.error("the engine has failed for good: %s", error)
+        self._fatal_error = error
+        self._stopped = True
+        for request_id in list(self.engine.requests):
+            self.engine.abort(request_id)
+        for stream in list(self._streams.values()):  # requests not yet added to the engine too
+            stream.put(error)
+        for callback in self._death_callbacks:
+            callback(error)
 
     def _fail_all(self, exc: Exception) -> None:
         for request_id in list(self.engine.requests):

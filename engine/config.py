@@ -25,7 +25,8 @@ class EngineConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     enable_prefix_caching: bool = True
-    num_threads: Optional[int] = None
+    num_threads: Optional[int] = None  # per rank; default: all cores, split evenly between CPU ranks
+    tensor_parallel_size: int = 1
     stats_interval_s: float = 0.5  # AsyncLLMEngine calls its stat loggers at most once per this many seconds
 
     def __post_init__(self) -> None:
@@ -33,7 +34,7 @@ class EngineConfig:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
-        _require_positive(self, "block_size", "max_num_seqs", "max_num_batched_tokens")
+        _require_positive(self, "block_size", "max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
         _require_positive_number(self, "kv_cache_memory_gb", "stats_interval_s")

@@ -19,6 +19,16 @@ class LLM:
         self.engine = LLMEngine(EngineConfig.from_dict({"model": model, **engine_args}))
         self._request_counter = itertools.count()
 
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel worker processes, if any (they also stop when this process exits)."""
+        self.engine.shutdown()
+
     def get_tokenizer(self) -> Any:
         return self.engine.tokenizer
 

@@ -3,22 +3,25 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Optional, Union
-
-import torch
+from typing import Callable, Optional, Union
 
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.detokenizer import Detokenizer
-from engine.loader import TORCH_DTYPES, load_model, read_model_config, resolve_model
+from engine.distributed import TPGroup, check_devices, rank_device
+from engine.errors import EngineDeadError
+from engine.layers.sharding import check_tp_size
+from engine.loader import ModelSource, read_model_config, resolve_model
 from engine.metrics import EngineStats, RequestCounters
 from engine.model_runner import ModelRunner
 from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from engine.sampler import TokenLogprobs
+from engine.sampler import SamplerOutput, TokenLogprobs
 from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler
+from engine.scheduler import ScheduledSeq, Scheduler
 from engine.sequence import Request, Sequence
 from engine.tokenizer import load_tokenizer
+from engine.tp_workers import TPWorkers
+from engine.worker import Worker
 
 logger = logging.getLogger(__name__)
 
@@ -41,25 +44,37 @@ class ContextLengthError(ValueError):
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        if config.num_threads:
-            torch.set_num_threads(config.num_threads)
         source = resolve_model(config.model)
         self.model_config = read_model_config(source)
+        check_tp_size(self.model_config, config.tensor_parallel_size)
+        check_devices(config.device, config.tensor_parallel_size)
         self.tokenizer = load_tokenizer(source, config.tokenizer, required=config.load_format != "dummy")
-        dtype = TORCH_DTYPES["float32" if config.dtype == "auto" else config.dtype]
         model_max_len = self._model_max_len()
-        model = load_model(
-            source, self.model_config, dtype, torch.device(config.device), model_max_len, config.load_format, config.seed
-        )
-        num_blocks = self._num_kv_blocks(dtype)
-        self.max_model_len = self._fit_max_model_len(model_max_len, num_blocks)
-        self.runner = ModelRunner(model, self.model_config, config.block_size, num_blocks, config.seed)
+        self.workers: Optional[TPWorkers] = None
+        self.runner = self._start_ranks(source, model_max_len)
+        num_blocks = self.runner.num_kv_blocks
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.detokenizer = Detokenizer(self.tokenizer)
         self.eos_token_ids = set(self.model_config.eos_token_ids)
         self.requests: dict[str, Request] = {}
         self.counters = RequestCounters()
+
+    def _start_ranks(self, source: ModelSource, model_max_len: int) -> ModelRunner:
+        """Rank 0's runner, with ranks 1..N-1 started in their own processes; nothing left running on failure."""
+        if self.config.tensor_parallel_size > 1:
+            self.workers = TPWorkers(self.config, source, self.model_config, model_max_len)
+        try:
+            tp = self.workers.join_group(rank_device(self.config.device, 0)) if self.workers else TPGroup()
+            runner = Worker(self.config, source, self.model_config, model_max_len, tp).runner
+            self.max_model_len = self._fit_max_model_len(model_max_len, runner.num_kv_blocks)
+            return runner
+        except Exception as exc:
+            if self.workers is not None:
+                self.workers.stop(None)
+                if isinstance(exc, RuntimeError):  # a collective broke: name the worker that failed, and why
+                    raise RuntimeError(self.workers.failure("at startup")) from exc
+            raise
 
     def make_request(self, request_id: str, prompt: Prompt, params: Optional[SamplingParams] = None) -> Request:
         """Validate and tokenize without touching engine state; ValueError names what is wrong."""
@@ -101,12 +116,31 @@ class LLMEngine:
         for item in scheduled:
             times = item.seq.request.times
             times.first_scheduled = times.first_scheduled or now
-        sampled_seqs, sampled = self.runner.execute(scheduled)
+        sampled_seqs, sampled = self._execute(scheduled)
         for item in scheduled:
             item.seq.num_computed_tokens += item.num_new_tokens
         for seq, token_id, logprobs in zip(sampled_seqs, sampled.token_ids, sampled.logprobs):
             self._append_token(seq, token_id, logprobs)
         return self._collect_outputs(sampled_seqs)
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers, if any; the engine cannot step afterwards."""
+        if self.workers is not None:
+            self.workers.stop(self.runner.tp)
+
+    def watch_workers(self, on_death: Callable[[EngineDeadError], None]) -> None:
+        """Call `on_death` from another thread if a tensor-parallel worker dies while the engine is idle or busy."""
+        if self.workers is not None:
+            self.workers.watch(lambda message: on_death(EngineDeadError(message)))
+
+    def _execute(self, scheduled: list[ScheduledSeq]) -> tuple[list[Sequence], SamplerOutput]:
+        """Run the step; with several ranks any failure leaves them out of step, so the engine is dead."""
+        try:
+            return self.runner.execute(scheduled)
+        except Exception as exc:
+            if self.workers is None:
+                raise
+            raise EngineDeadError(self.workers.failure("during a step")) from exc
 
     def stats(self) -> EngineStats:
         # Copies first (each one C call, so atomic): another thread may ask while a step runs.
@@ -205,17 +239,6 @@ class LLMEngine:
         if self.config.max_model_len is not None and self.config.max_model_len > limit:
             raise ValueError(f"max_model_len ({self.config.max_model_len}) exceeds the model's limit ({limit})")
         return self.config.max_model_len or limit
-
-    def _num_kv_blocks(self, dtype: torch.dtype) -> int:
-        if self.config.num_kv_blocks is not None:
-            return self.config.num_kv_blocks
-        block_bytes = ModelRunner.kv_block_bytes(self.model_config, self.config.block_size, dtype)
-        if self.config.device.startswith("cuda"):
-            free, total = torch.cuda.mem_get_info(torch.device(self.config.device))
-            budget = free - total * (1 - self.config.gpu_memory_utilization)
-        else:
-            budget = self.config.kv_cache_memory_gb * 1024**3
-        return max(int(budget // block_bytes), 1)
 
     def _fit_max_model_len(self, model_max_len: int, num_blocks: int) -> int:
         capacity = num_blocks * self.config.block_size

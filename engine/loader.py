@@ -6,10 +6,11 @@ import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 
+from engine.distributed import TPGroup
 from engine.gguf_loader import GGUFModel
 from engine.models.config import ModelConfig
 from engine.models.llama import LlamaForCausalLM
@@ -69,10 +70,11 @@ def read_model_config(source: ModelSource) -> ModelConfig:
 
 def load_model(
     source: ModelSource, config: ModelConfig, dtype: torch.dtype, device: torch.device, max_position: int,
-    load_format: str = "auto", seed: int = 0,
+    load_format: str = "auto", seed: int = 0, tp: Optional[TPGroup] = None,
 ) -> LlamaForCausalLM:
+    """This rank's shard of the model with its weights (the whole model without `tp`)."""
     with _default_dtype(dtype), torch.device(device):
-        model = LlamaForCausalLM(config, max_position)
+        model = LlamaForCausalLM(config, max_position, tp or TPGroup())
     with torch.no_grad():
         if load_format == "dummy":
             _fill_random(model, seed)
@@ -89,14 +91,25 @@ def _load_checkpoint(model: LlamaForCausalLM, source: ModelSource, config: Model
         raise ValueError(f"{source.gguf_file or source.path}: checkpoint lacks tensors {sorted(missing)[:8]}")
 
 
-def _safetensors_weights(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
+class _LazySlice:
+    """A safetensors tensor not yet read: indexing reads only the rows (or columns) asked for."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+        self.shape = tuple(handle.get_shape())
+
+    def __getitem__(self, index: Any) -> torch.Tensor:
+        return self.handle[index]
+
+
+def _safetensors_weights(folder: Path) -> Iterator[tuple[str, _LazySlice]]:
     from safetensors import SafetensorError, safe_open
 
     for file in _safetensors_files(folder):
         try:
             with safe_open(str(file), framework="pt") as reader:
                 for name in reader.keys():
-                    yield name, reader.get_tensor(name)
+                    yield name, _LazySlice(reader.get_slice(name))
         except (OSError, SafetensorError) as exc:
             raise ValueError(f"{file}: cannot read safetensors file ({exc})") from exc
 

@@ -46,8 +46,56 @@ class HandlerConfig:
 
 
 def check_model_yaml(config: dict[str, Any]) -> None:
-    """Raise ValueError naming any top-level key that neither TorchServe nor this handler reads."""
+    """Raise ValueError naming any top-level key that neither TorchServe nor this handler reads, or parallel
+    settings that TorchServe would act on differently from the engine."""
     _reject_unknown("model-config", config, FRONTEND_KEYS | {"handler"})
+    _check_parallel(config)
+
+
+def handler_config(config: dict[str, Any], model_dir: Optional[str] = None) -> HandlerConfig:
+    """The checked `handler:` section; under `parallelType: custom` the engine's TP size is `parallelLevel`."""
+    check_model_yaml(config)
+    section = dict(config.get("handler") or {})
+    if config.get("parallelType") == "custom":
+        section["engine"] = {**(section.get("engine") or {}), "tensor_parallel_size": config["parallelLevel"]}
+    return HandlerConfig.from_dict(section, model_dir)
+
+
+def with_tensor_parallel_size(config: dict[str, Any], size: int) -> dict[str, Any]:
+    """`config` set up for `size` ranks: `parallelType: custom` and `parallelLevel: size` when size > 1."""
+    result = {key: value for key, value in config.items() if key not in ("parallelType", "parallelLevel")}
+    handler = dict(result.get("handler") or {})
+    engine = {key: value for key, value in (handler.get("engine") or {}).items() if key != "tensor_parallel_size"}
+    result["handler"] = {**handler, "engine": engine}
+    if size > 1:
+        result.update(parallelType="custom", parallelLevel=size)
+    return result
+
+
+def _check_parallel(config: dict[str, Any]) -> None:
+    parallel_type, level = config.get("parallelType"), config.get("parallelLevel")
+    engine_size = ((config.get("handler") or {}).get("engine") or {}).get("tensor_parallel_size")
+    if parallel_type is None:
+        if level is not None:
+            raise ValueError("parallelLevel: TorchServe ignores it unless parallelType is set; use parallelType: custom")
+        if engine_size not in (None, 1):
+            raise ValueError(
+                f"handler.engine.tensor_parallel_size {engine_size} needs parallelType: custom and "
+                f"parallelLevel: {engine_size}, so that TorchServe gives the worker that many devices"
+            )
+        return
+    if parallel_type != "custom":
+        raise ValueError(
+            f"parallelType {parallel_type!r} makes TorchServe start one handler per rank under torchrun; "
+            "this handler starts its own tensor-parallel ranks: use parallelType: custom"
+        )
+    if isinstance(level, bool) or not isinstance(level, int) or level < 1:
+        raise ValueError(f"parallelType: custom needs parallelLevel, the tensor-parallel size (>= 1), got {level!r}")
+    if engine_size is not None and engine_size != level:
+        raise ValueError(
+            f"handler.engine.tensor_parallel_size ({engine_size}) differs from parallelLevel ({level}); "
+            "set parallelLevel only"
+        )
 
 
 def read_model_yaml(path: str) -> dict[str, Any]:

@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any, NoReturn, Optional
 
 from engine.config import EngineConfig
-from handler.config import read_model_yaml
+from engine.layers.sharding import check_tp_size
+from engine.loader import read_model_config, resolve_model
+from handler.config import handler_config, read_model_yaml, with_tensor_parallel_size
 from handler.metrics import default_metrics_config
 from handler.model_store import build_archive, engine_overrides, model_yaml
 from handler.server import ServedModel, ServerConfig, TorchServeProcess
@@ -43,6 +45,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model_name", help=f"TorchServe model name (default: {DEFAULT_NAME}, or the model's file/folder name)")
     p.add_argument("--model_version", default="1.0")
     p.add_argument("--config", type=Path, help=f"model-config YAML (default: {DEFAULT_CONFIG.name})")
+    p.add_argument(
+        "--tensor_parallel_size", type=int,
+        help="ranks (GPUs) the engine spans; sets parallelType: custom and parallelLevel "
+        "(default: the config's, else the visible GPUs for a CUDA engine, else 1)",
+    )
     p.add_argument("--model_store", type=Path, help="where the model folder is written (default: a temporary folder)")
     p.add_argument("--host", default="127.0.0.1", help="address TorchServe listens on")
     p.add_argument("--inference_port", type=int, default=8080)
@@ -77,9 +84,32 @@ def split_engine_overrides(
             value = rest.pop(0)
         pairs.append((key, value))
     try:
-        return args, engine_overrides(pairs)
+        overrides = engine_overrides(pairs)
     except ValueError as error:
         p.error(str(error))
+    # TorchServe must reserve the ranks' devices too, so the engine key is handled like the flag.
+    from_engine_key = overrides.pop("tensor_parallel_size", None)
+    if args.tensor_parallel_size is None:
+        args.tensor_parallel_size = from_engine_key
+    if args.tensor_parallel_size is not None and args.tensor_parallel_size < 1:
+        p.error(f"--tensor_parallel_size must be >= 1, got {args.tensor_parallel_size}")
+    return args, overrides
+
+
+def apply_tensor_parallel_size(config: dict[str, Any], requested: Optional[int]) -> dict[str, Any]:
+    """`config` for the requested TP size (default: the config's own, else the visible GPUs of a CUDA engine),
+    checked against the model's head counts before any TorchServe starts."""
+    size = requested
+    engine = config["handler"].get("engine") or {}
+    if size is None and "parallelType" not in config and str(engine.get("device", "cpu")).startswith("cuda"):
+        import torch
+
+        size = max(torch.cuda.device_count(), 1)
+    if size is not None:
+        config = with_tensor_parallel_size(config, size)
+    engine_config = handler_config(config).engine
+    check_tp_size(read_model_config(resolve_model(engine_config.model)), engine_config.tensor_parallel_size)
+    return config
 
 
 def base_config(path: Optional[Path]) -> dict[str, Any]:
@@ -122,6 +152,7 @@ def _interrupt(signum: int, frame: Any) -> NoReturn:
 
 def serve(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     config = model_yaml(base_config(args.config), args.model_id, overrides)
+    config = apply_tensor_parallel_size(config, args.tensor_parallel_size)
     name = model_name(args, config)
     with tempfile.TemporaryDirectory(prefix="pagedserve-") as tmp:
         store = args.model_store or Path(tmp) / "model_store"

@@ -5,6 +5,8 @@ import asyncio
 import dataclasses
 import json
 import logging
+import os
+import threading
 from http import HTTPStatus
 from contextlib import aclosing
 from typing import Any, AsyncIterator
@@ -12,15 +14,17 @@ from typing import Any, AsyncIterator
 from ts.context import Context
 from ts.handler_utils.utils import send_intermediate_predict_response
 
-from engine import AsyncLLMEngine
+from engine import AsyncLLMEngine, EngineDeadError
 from engine.loader import default_model_path
-from handler.config import HandlerConfig, check_model_yaml
+from handler.config import handler_config
 from handler.metrics import TorchServeMetrics
 from handler.openai_serving import SSE_DONE, OpenAIServing, sse_event
 from handler.protocol import APIError
 
 logger = logging.getLogger(__name__)
 ROUTES = ("v1/completions", "v1/chat/completions", "v1/models")
+# After the engine dies, the worker process lives this long, to send the failed requests' error responses.
+EXIT_DELAY_S = 1.0
 
 
 class LLMHandler:
@@ -30,9 +34,10 @@ class LLMHandler:
         self.initialized = False
 
     def initialize(self, ctx: Context) -> None:
-        check_model_yaml(ctx.model_yaml_config)
-        config = HandlerConfig.from_dict(ctx.model_yaml_config.get("handler") or {}, ctx.system_properties["model_dir"])
+        config = handler_config(ctx.model_yaml_config, ctx.system_properties["model_dir"])
+        config.engine.device = assigned_device(config.engine.device, ctx)
         engine = AsyncLLMEngine.from_config(config.engine)
+        engine.add_death_callback(_exit_for_restart)
         version = (ctx.manifest or {}).get("model", {}).get("modelVersion", "1.0")
         self.serving = OpenAIServing(
             engine,
@@ -65,7 +70,16 @@ class LLMHandler:
 
     def describe(self) -> dict[str, Any]:
         """What `GET /models/NAME/VERSION?customized=true` shows: the served model and the engine's live state."""
-        return {**self.serving.list_models()["data"][0], "engine": dataclasses.asdict(self.serving.engine.stats())}
+        engine = self.serving.engine.engine
+        tensor_parallel = {
+            "size": engine.config.tensor_parallel_size,
+            "worker_pids": engine.workers.pids if engine.workers else [],
+        }
+        return {
+            **self.serving.list_models()["data"][0],
+            "engine": dataclasses.asdict(engine.stats()),
+            "tensor_parallel": tensor_parallel,
+        }
 
     async def _dispatch(self, route: str, row: dict[str, Any], request_id: str) -> Any:
         if route == "v1/models":
@@ -99,6 +113,21 @@ class LLMHandler:
         context.set_response_status(error.status, HTTPStatus(error.status).phrase)
         context.set_response_content_type(0, "application/json")
         return json.dumps(error.to_dict(), ensure_ascii=False)
+
+
+def assigned_device(device: str, ctx: Context) -> str:
+    """`cuda` means the GPU TorchServe gave this worker: its `gpu_id`, or under `parallelType: custom` the first of
+    the devices it made visible (the other ranks take the next ones)."""
+    gpu_id = ctx.system_properties.get("gpu_id")
+    if device != "cuda" or gpu_id is None or gpu_id < 0 or ctx.model_yaml_config.get("parallelType") == "custom":
+        return device
+    return f"cuda:{gpu_id}"
+
+
+def _exit_for_restart(error: EngineDeadError) -> None:
+    """A dead engine cannot recover in place: end this worker process so that TorchServe starts a fresh one."""
+    logger.error("the engine died (%s); this worker exits in %.0f s so that TorchServe restarts it", error, EXIT_DELAY_S)
+    threading.Timer(EXIT_DELAY_S, os._exit, (1,)).start()
 
 
 def _request_body(row: dict[str, Any]) -> Any:

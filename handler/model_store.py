@@ -19,7 +19,7 @@ import yaml
 
 from engine.config import EngineConfig
 from engine.loader import resolve_model
-from handler.config import HandlerConfig, check_model_yaml
+from handler.config import handler_config
 
 HANDLER = "handler.llm_handler"
 CONFIG_FILE = "model-config.yaml"
@@ -64,8 +64,7 @@ def model_yaml(config: dict[str, Any], model: Optional[str], overrides: dict[str
     engine = handler.get("engine") or {}
     if engine.get("model") is not None and handler.get("model") is None:
         handler["model"] = engine.pop("model")  # one place for the weights, which build_archive resolves
-    check_model_yaml(result)
-    HandlerConfig.from_dict(handler)
+    handler_config(result)
     return result
 
 

@@ -1,20 +1,23 @@
 """Llama-family decoder (Llama, Mistral, Qwen2, SmolLM2): one forward over flattened tokens."""
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Any, Iterable, Optional
 
 import torch
 from torch import nn
 
 from engine.attention import AttentionMetadata
+from engine.distributed import TPGroup
 from engine.layers.activation import SiluAndMul
 from engine.layers.attention import Attention
 from engine.layers.embedding import LMHead, VocabEmbedding
-from engine.layers.linear import Linear
+from engine.layers.linear import ColumnParallelLinear, RowParallelLinear, check_shape
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding
+from engine.layers.sharding import kv_heads, split_evenly
 from engine.models.config import ModelConfig
 
+SHARDED_LAYERS = (ColumnParallelLinear, RowParallelLinear, VocabEmbedding)
 # checkpoint projection name -> (our stacked module, part index)
 STACKED_PROJECTIONS = {
     "q_proj": ("qkv_proj", 0),
@@ -26,14 +29,19 @@ STACKED_PROJECTIONS = {
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: ModelConfig, max_position: int) -> None:
+    def __init__(self, config: ModelConfig, max_position: int, tp: TPGroup) -> None:
         super().__init__()
-        self.q_size = config.num_heads * config.head_dim
-        self.kv_size = config.num_kv_heads * config.head_dim
-        self.qkv_proj = Linear(config.hidden_size, [self.q_size, self.kv_size, self.kv_size], config.qkv_bias)
-        self.o_proj = Linear(self.q_size, [config.hidden_size], config.o_proj_bias)
-        self.rotary = RotaryEmbedding(config.head_dim, max_position, config.rope_theta, config.rope_scaling)
-        self.attn = Attention(config.num_heads, config.num_kv_heads, config.head_dim)
+        head_dim = config.head_dim
+        q_heads = split_evenly(config.num_heads, tp.rank, tp.size)
+        kv = kv_heads(config.num_kv_heads, tp.rank, tp.size)
+        self.q_size, self.kv_size = q_heads.size * head_dim, kv.size * head_dim
+        kv_rows = kv.scaled(head_dim)
+        self.qkv_proj = ColumnParallelLinear(
+            config.hidden_size, [q_heads.scaled(head_dim), kv_rows, kv_rows], config.qkv_bias
+        )
+        self.o_proj = RowParallelLinear(q_heads.scaled(head_dim), config.hidden_size, tp, config.o_proj_bias)
+        self.rotary = RotaryEmbedding(head_dim, max_position, config.rope_theta, config.rope_scaling)
+        self.attn = Attention(q_heads.size, kv.size, head_dim)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
         qkv = self.qkv_proj(hidden)
@@ -45,10 +53,11 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, tp: TPGroup) -> None:
         super().__init__()
-        self.gate_up_proj = Linear(config.hidden_size, [config.intermediate_size] * 2)
-        self.down_proj = Linear(config.intermediate_size, [config.hidden_size])
+        columns = split_evenly(config.intermediate_size, tp.rank, tp.size)
+        self.gate_up_proj = ColumnParallelLinear(config.hidden_size, [columns, columns])
+        self.down_proj = RowParallelLinear(columns, config.hidden_size, tp)
         self.act = SiluAndMul()
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -56,12 +65,12 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, max_position: int) -> None:
+    def __init__(self, config: ModelConfig, max_position: int, tp: TPGroup) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = LlamaAttention(config, max_position)
+        self.self_attn = LlamaAttention(config, max_position, tp)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = LlamaMLP(config)
+        self.mlp = LlamaMLP(config, tp)
 
     def forward(
         self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None, metadata: AttentionMetadata
@@ -73,10 +82,10 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig, max_position: int) -> None:
+    def __init__(self, config: ModelConfig, max_position: int, tp: TPGroup) -> None:
         super().__init__()
-        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, max_position) for _ in range(config.num_layers))
+        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, tp)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, max_position, tp) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
@@ -87,25 +96,32 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, config: ModelConfig, max_position: int) -> None:
+    """One tensor-parallel rank's shard of the model (the whole model when `tp.size` is 1)."""
+
+    def __init__(self, config: ModelConfig, max_position: int, tp: TPGroup) -> None:
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config, max_position)
-        self.lm_head = LMHead(config.vocab_size, config.hidden_size)
+        self.model = LlamaModel(config, max_position, tp)
+        self.lm_head = LMHead(config.vocab_size, config.hidden_size, tp)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
         return self.model(input_ids, positions, metadata)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor) -> Optional[torch.Tensor]:
+        """Logits on rank 0; None on the other ranks."""
         return self.lm_head(hidden)
 
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn.attn for layer in self.model.layers]
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Copy checkpoint tensors (Hugging Face names) into the model; return the parameter names filled."""
+    def load_weights(self, weights: Iterable[tuple[str, Any]]) -> set[str]:
+        """Copy this rank's share of each checkpoint tensor (Hugging Face names) into the model.
+
+        A tensor may be a torch tensor or a lazily read checkpoint slice: only the indexed rows are read.
+        Returns the parameter names filled.
+        """
         params = dict(self.named_parameters())
         loaded: set[str] = set()
         for name, tensor in weights:
@@ -117,11 +133,15 @@ class LlamaForCausalLM(nn.Module):
                 stacked, part = STACKED_PROJECTIONS[proj]
                 self.get_submodule(f"{parent}.{stacked}").load(kind, tensor, part)
                 loaded.add(f"{parent}.{stacked}.{kind}#{part}")
-            elif name in params:
-                _copy_checked(name, params[name], tensor)
+            elif name not in params:
+                raise ValueError(f"unexpected tensor {name!r} in checkpoint")
+            elif isinstance(module := self.get_submodule(module_name), SHARDED_LAYERS):
+                module.load(kind, tensor)
                 loaded.add(name)
             else:
-                raise ValueError(f"unexpected tensor {name!r} in checkpoint")
+                check_shape(name, tensor, tuple(params[name].shape))
+                params[name].copy_(tensor[:])
+                loaded.add(name)
         return loaded
 
     def expected_weights(self) -> set[str]:
@@ -130,14 +150,9 @@ class LlamaForCausalLM(nn.Module):
         for name, _ in self.named_parameters():
             module_name, _, kind = name.rpartition(".")
             module = self.get_submodule(module_name)
-            if isinstance(module, Linear) and len(module.output_sizes) > 1:
-                expected.update(f"{name}#{part}" for part in range(len(module.output_sizes)))
+            if isinstance(module, ColumnParallelLinear) and len(module.parts) > 1:
+                expected.update(f"{name}#{part}" for part in range(len(module.parts)))
             else:
                 expected.add(name)
         return expected
 
-
-def _copy_checked(name: str, param: torch.Tensor, tensor: torch.Tensor) -> None:
-    if param.shape != tensor.shape:
-        raise ValueError(f"tensor {name!r}: expected shape {tuple(param.shape)}, got {tuple(tensor.shape)}")
-    param.copy_(tensor)
