@@ -40,6 +40,8 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
     ),
     "mistral": dict(model_type="mistral", num_key_value_heads=1, sliding_window=None, rope_theta=1e6),
     "qwen2": dict(model_type="qwen2", num_key_value_heads=4, tie_word_embeddings=True, rope_theta=1e6),
+    # A vocabulary that two ranks cannot split evenly: the second rank's shard ends in a padding row.
+    "llama_odd_vocab": dict(model_type="llama", vocab_size=49155, tie_word_embeddings=True),
 }
 
 _live_engines: list[Any] = []  # LLM or AsyncLLMEngine: anything with an `.engine`
@@ -105,6 +107,8 @@ def llm_factory() -> Iterator[Callable[..., LLM]]:
         return cache[key]
 
     yield make
+    for llm in cache.values():
+        llm.shutdown()
     _live_engines.clear()
     cache.clear()
     gc.collect()

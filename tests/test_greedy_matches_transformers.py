@@ -36,7 +36,7 @@ def engine_greedy(llm, prompts_ids: list[list[int]], max_new_tokens: int) -> lis
     return [out.outputs[0].token_ids for out in llm.generate(prompts_ids, params)]
 
 
-@pytest.mark.parametrize("kind", ["llama", "llama3", "mistral", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama", "llama3", "mistral", "qwen2", "llama_odd_vocab"])
 def test_tiny_random_model_matches_transformers(kind: str, tiny_model, llm_factory) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
