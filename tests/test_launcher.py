@@ -137,10 +137,14 @@ def test_ctrl_c_stops_torchserve_and_leaves_no_process(launched: Launched) -> No
     (["--engine.max_num_seqs", "eight"], r"engine\.max_num_seqs: cannot read 'eight' as int"),
     (["--config", "{tmp}/typo.yaml"], r"unknown engine key\(s\) \['kv_cache_gb'\]"),
     (["--config", "{tmp}/frontend.yaml"], r"unknown model-config key\(s\) \['minWorker'\]"),
+    (["--tensor_parallel_size", "2"], r"9 attention heads are not divisible by 2.*values: \[1, 3\]"),
+    (["--engine.tensor_parallel_size", "4"], r"tensor_parallel_size 4 cannot split this model"),
+    (["--config", "{tmp}/level.yaml"], r"parallelLevel: TorchServe ignores it unless parallelType is set"),
 ])
 def test_a_bad_setting_fails_fast_naming_it(tmp_path: Path, args: list[str], message: str) -> None:
     (tmp_path / "typo.yaml").write_text("handler:\n  engine:\n    kv_cache_gb: 1\n")
     (tmp_path / "frontend.yaml").write_text("minWorker: 1\nhandler: {}\n")
+    (tmp_path / "level.yaml").write_text("parallelLevel: 2\nhandler: {}\n")
     process = launch(*[arg.format(tmp=tmp_path) for arg in args], *free_port_flags())
     output, _ = process.communicate(timeout=60)
     assert process.returncode != 0

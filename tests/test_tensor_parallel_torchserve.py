@@ -13,8 +13,8 @@ import openai
 import psutil
 import pytest
 
-from handler.config import handler_config, with_tensor_parallel_size
-from handler.launcher import apply_tensor_parallel_size, base_config
+from handler.config import handler_config, read_model_yaml, with_tensor_parallel_size
+from handler.launcher import DEFAULT_CONFIG, apply_tensor_parallel_size, base_config
 from handler.model_store import build_archive, model_yaml
 from handler.server import ServedModel
 from test_tensor_parallel import wait_gone
@@ -23,6 +23,7 @@ from ts_server import STARTUP_TIMEOUT, torchserve_process
 
 NAME, VERSION = "tinytp", "1.0"
 ENGINE = {"num_kv_blocks": 64, "max_model_len": 512, "max_num_seqs": 8}
+CONFIG_DIR = DEFAULT_CONFIG.parent
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +93,14 @@ def test_the_yaml_keys_and_the_engine_agree_on_the_size() -> None:
     assert "tensor_parallel_size" not in config["handler"]["engine"]
     assert handler_config(config).engine.tensor_parallel_size == 3
     assert "parallelType" not in with_tensor_parallel_size(config, 1)
+
+
+def test_the_shipped_model_configs_read_and_the_tp4_example_spans_four_ranks() -> None:
+    sizes = {
+        path.name: handler_config(read_model_yaml(str(path))).engine.tensor_parallel_size
+        for path in CONFIG_DIR.glob("*.yaml") if path.name != "metrics.yaml"
+    }
+    assert sizes == {"smollm2-135m-cpu.yaml": 1, "llama-3.1-8b-gpu.yaml": 1, "llama-3.1-70b-gpu-tp4.yaml": 4}
 
 
 @pytest.mark.parametrize("yaml_keys, message", [
