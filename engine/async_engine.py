@@ -204,6 +204,7 @@ class AsyncLLMEngine:
             self.engine.abort(request_id)
         for stream in list(self._streams.values()):  # requests not yet added to the engine too
             stream.put(error)
+        self.engine.shutdown()
         for callback in self._death_callbacks:
             callback(error)
 

@@ -140,7 +140,9 @@ class LLMEngine:
         except Exception as exc:
             if self.workers is None:
                 raise
-            raise EngineDeadError(self.workers.failure("during a step")) from exc
+            message = self.workers.failure("during a step")
+            self.workers.stop(None)  # the ranks are out of step: no message can reach them in order
+            raise EngineDeadError(message) from exc
 
     def stats(self) -> EngineStats:
         # Copies first (each one C call, so atomic): another thread may ask while a step runs.

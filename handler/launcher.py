@@ -45,11 +45,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model_name", help=f"TorchServe model name (default: {DEFAULT_NAME}, or the model's file/folder name)")
     p.add_argument("--model_version", default="1.0")
     p.add_argument("--config", type=Path, help=f"model-config YAML (default: {DEFAULT_CONFIG.name})")
-    p.add_argument(
-        "--tensor_parallel_size", type=int,
-        help="ranks (GPUs) the engine spans; sets parallelType: custom and parallelLevel "
-        "(default: the config's, else the visible GPUs for a CUDA engine, else 1)",
-    )
+    add_tensor_parallel_flag(p)
     p.add_argument("--model_store", type=Path, help="where the model folder is written (default: a temporary folder)")
     p.add_argument("--host", default="127.0.0.1", help="address TorchServe listens on")
     p.add_argument("--inference_port", type=int, default=8080)
@@ -65,6 +61,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--enable_model_api", action="store_true", help="allow registering and deleting models")
     p.add_argument("--startup_timeout", type=float, default=600.0, help="seconds to wait for the model to be ready")
     return p
+
+
+def add_tensor_parallel_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--tensor_parallel_size", type=int,
+        help="ranks (GPUs) the engine spans; sets parallelType: custom and parallelLevel "
+        "(default: the config's, else the visible GPUs for a CUDA engine, else 1)",
+    )
 
 
 def split_engine_overrides(

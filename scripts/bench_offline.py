@@ -81,6 +81,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--json", type=Path, help="also write the results as JSON to this path")
     parser.add_argument("--max-num-seqs", type=int, help="our engine's max_num_seqs")
     parser.add_argument("--max-num-batched-tokens", type=int, help="our engine's max_num_batched_tokens")
+    parser.add_argument(
+        "--tensor-parallel-size", type=int, default=1,
+        help="our engine's ranks (SmolLM2 allows 1 or 3); CPU ranks split the threads",
+    )
     return parser.parse_args()
 
 
@@ -119,6 +123,7 @@ def run_context(args: argparse.Namespace) -> dict[str, Any]:
         "dtype": args.dtype,
         "max_num_seqs": args.max_num_seqs,
         "max_num_batched_tokens": args.max_num_batched_tokens,
+        "tensor_parallel_size": args.tensor_parallel_size,
     }
 
 
@@ -129,7 +134,7 @@ def _transformers_version() -> str:
 
 
 def ours_generate(args: argparse.Namespace) -> GenerateFn:
-    engine_args: dict[str, Any] = {"dtype": args.dtype}
+    engine_args: dict[str, Any] = {"dtype": args.dtype, "tensor_parallel_size": args.tensor_parallel_size}
     if args.max_num_seqs is not None:
         engine_args["max_num_seqs"] = args.max_num_seqs
     if args.max_num_batched_tokens is not None:

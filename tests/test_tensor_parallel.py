@@ -18,14 +18,8 @@ import pytest
 from engine import LLM, AsyncLLMEngine, EngineConfig, EngineDeadError, SamplingParams
 from engine.layers.sharding import kv_heads, vocab_rows
 from conftest import PROMPT, track_engine
+from test_greedy_matches_transformers import PROMPTS
 
-PROMPTS = [
-    "The capital of France is",
-    "def fibonacci(n):",
-    "Once upon a time, in a land far away,",
-    "List three colours:",
-    "1, 2, 3, 4,",
-]
 TINY = {"num_kv_blocks": 128}
 
 
@@ -123,11 +117,14 @@ def test_smollm2_tp3_matches_tp1(llm_factory) -> None:
     assert_same_generation(greedy_with_logprobs(tp3, prompts), expected)
 
 
-def test_shutdown_stops_the_workers_cleanly(tiny_model) -> None:
+def test_shutdown_stops_the_workers_cleanly_and_leaves_no_shared_memory(tiny_model) -> None:
+    shared_memory = set(os.listdir("/dev/shm"))
     with LLM(str(tiny_model("llama")), tensor_parallel_size=2, **TINY) as llm:
         processes = llm.engine.workers.processes
         assert all(process.is_alive() for process in processes)
+        assert greedy_with_logprobs(llm, PROMPTS[:1])
     assert [process.exitcode for process in processes] == [0]
+    assert set(os.listdir("/dev/shm")) <= shared_memory
 
 
 def test_workers_exit_when_rank0_is_killed(tiny_model) -> None:

@@ -5,16 +5,23 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
+import zipfile
+from pathlib import Path
 import urllib.request
 from typing import Any, Iterator
 
 import openai
 import psutil
 import pytest
+import yaml
+from ts.context import Context
 
 from handler.config import handler_config, read_model_yaml, with_tensor_parallel_size
 from handler.launcher import DEFAULT_CONFIG, apply_tensor_parallel_size, base_config
+from handler.llm_handler import assigned_device
 from handler.model_store import build_archive, model_yaml
 from handler.server import ServedModel
 from test_tensor_parallel import wait_gone
@@ -101,6 +108,32 @@ def test_the_shipped_model_configs_read_and_the_tp4_example_spans_four_ranks() -
         for path in CONFIG_DIR.glob("*.yaml") if path.name != "metrics.yaml"
     }
     assert sizes == {"smollm2-135m-cpu.yaml": 1, "llama-3.1-8b-gpu.yaml": 1, "llama-3.1-70b-gpu-tp4.yaml": 4}
+
+
+def test_an_archive_built_for_three_ranks_asks_torchserve_for_them(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "handler.archive", "--model_name", "m", "--version", "3.0",
+               "--export_path", str(tmp_path)]
+    built = subprocess.run([*command, "--tensor_parallel_size", "3"], capture_output=True, text=True, timeout=120)
+    assert built.returncode == 0, built.stderr
+    with zipfile.ZipFile(tmp_path / "m-3.0.mar") as archive:
+        config = yaml.safe_load(archive.read("model-config.yaml"))
+    assert (config["parallelType"], config["parallelLevel"]) == ("custom", 3)
+    refused = subprocess.run([*command, "--tensor_parallel_size", "2"], capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 1 and "Valid tensor_parallel_size values: [1, 3]" in refused.stderr
+
+
+@pytest.mark.parametrize("device, gpu_id, parallel_type, expected", [
+    ("cuda", 2, None, "cuda:2"),  # one GPU per worker: the one TorchServe assigned
+    ("cuda", 2, "custom", "cuda"),  # TorchServe made the worker's GPUs visible; rank r takes the r-th
+    ("cuda:1", 2, None, "cuda:1"),  # an explicit device is kept
+    ("cpu", None, None, "cpu"),
+])
+def test_the_handler_runs_on_the_devices_torchserve_assigned(
+    device: str, gpu_id: Any, parallel_type: Any, expected: str
+) -> None:
+    yaml_config = {"parallelType": parallel_type, "parallelLevel": 2} if parallel_type else {}
+    context = Context(NAME, "/models", {}, 1, gpu_id, "0.12.0", model_yaml_config=yaml_config)
+    assert assigned_device(device, context) == expected
 
 
 @pytest.mark.parametrize("yaml_keys, message", [

@@ -1,6 +1,6 @@
 """Vocabulary-parallel token embedding and language-model head (which may share its weight).
 
-Rank r holds rows [r * ceil(V/N), ...) of the vocabulary, padded to ceil(V/N) rows. The embedding looks up the
+Rank r holds rows [r * ceil(V/N), (r + 1) * ceil(V/N)) of the vocabulary, padding past V. The embedding looks up the
 ids it holds and sums over the ranks; the head's logits are gathered on rank 0, which samples.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from torch import nn
 
 from engine.distributed import TPGroup
 from engine.layers.linear import check_shape
-from engine.layers.sharding import vocab_rows
+from engine.layers.sharding import vocab_rows, vocab_rows_per_rank
 
 
 class VocabEmbedding(nn.Module):
@@ -21,8 +21,9 @@ class VocabEmbedding(nn.Module):
         super().__init__()
         self.tp = tp
         self.rows = vocab_rows(vocab_size, tp.rank, tp.size)
-        padded_rows = -(-vocab_size // tp.size)
-        self.weight = nn.Parameter(torch.empty(padded_rows, hidden_size), requires_grad=False)
+        self.weight = nn.Parameter(
+            torch.empty(vocab_rows_per_rank(vocab_size, tp.size), hidden_size), requires_grad=False
+        )
 
     def load(self, kind: str, tensor: Any, part: int = 0) -> None:
         check_shape(kind, tensor, (self.rows.total, self.weight.shape[1]))

@@ -39,9 +39,13 @@ def kv_heads(num_kv_heads: int, rank: int, size: int) -> Partition:
     return Partition(num_kv_heads, rank // (size // num_kv_heads), 1)
 
 
+def vocab_rows_per_rank(vocab_size: int, size: int) -> int:
+    return -(-vocab_size // size)
+
+
 def vocab_rows(vocab_size: int, rank: int, size: int) -> Partition:
-    """Rank r's rows of the vocabulary; every rank holds ceil(vocab/size) rows, the last ones padding."""
-    share = -(-vocab_size // size)
+    """Rank r's rows of the vocabulary; every rank holds `vocab_rows_per_rank` rows, the last ones padding."""
+    share = vocab_rows_per_rank(vocab_size, size)
     start = min(rank * share, vocab_size)
     return Partition(vocab_size, start, min(share, vocab_size - start))
 
