@@ -42,6 +42,8 @@ class TPWorkers:
             for rank in range(1, self.size)
         ]
         self._stopping = threading.Event()
+        # Reaping is not thread-safe: of two threads polling one dead child, the loser is told it still runs.
+        self._reap_lock = threading.Lock()
         for process in self.processes:
             process.start()
 
@@ -60,9 +62,11 @@ class TPWorkers:
 
     def failure(self, when: str) -> str:
         """What went wrong with the workers, for an error raised `when` something failed."""
-        for process in self.processes:
-            process.join(timeout=1.0)
-        dead = [_describe_exit(rank, process) for rank, process in enumerate(self.processes, 1) if not process.is_alive()]
+        with self._reap_lock:
+            for process in self.processes:
+                process.join(timeout=1.0)
+            exited = [(rank, process) for rank, process in enumerate(self.processes, 1) if not process.is_alive()]
+        dead = [_describe_exit(rank, process) for rank, process in exited]
         reasons = [self._stored_error(rank) for rank in range(1, self.size)]
         details = "; ".join(dead + [reason for reason in reasons if reason]) or "no worker exited"
         return f"tensor-parallel workers failed {when}: {details}"
@@ -80,18 +84,19 @@ class TPWorkers:
     def stop(self, tp: Optional[TPGroup]) -> None:
         """Ask the workers to finish (when `tp` is given and all live), then kill any still running after a while."""
         self._stopping.set()
-        graceful = tp is not None and all(process.is_alive() for process in self.processes)
-        if graceful:
-            try:
-                StepInputs.send_stop(tp)
-            except RuntimeError:
-                logger.warning("could not send the stop message to the tensor-parallel workers; killing them")
-                graceful = False
-        for process in self.processes:
-            process.join(timeout=STOP_TIMEOUT_S if graceful else 0)
-            if process.is_alive():
-                process.kill()
-                process.join()
+        with self._reap_lock:
+            graceful = tp is not None and all(process.is_alive() for process in self.processes)
+            if graceful:
+                try:
+                    StepInputs.send_stop(tp)
+                except RuntimeError:
+                    logger.warning("could not send the stop message to the tensor-parallel workers; killing them")
+                    graceful = False
+            for process in self.processes:
+                process.join(timeout=STOP_TIMEOUT_S if graceful else 0)
+                if process.is_alive():
+                    process.kill()
+                    process.join()
 
     def _stored_error(self, rank: int) -> Optional[str]:
         key = f"failed/{rank}"
