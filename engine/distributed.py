@@ -28,7 +28,6 @@ class TPGroup:
     size: int = 1
     cpu_group: Optional[dist.ProcessGroup] = None
     device_group: Optional[dist.ProcessGroup] = None
-    store: Optional[dist.Store] = None
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum `tensor` over the ranks, in place."""
@@ -80,7 +79,7 @@ def join_group(store: dist.Store, rank: int, size: int, device: torch.device) ->
     if device.type == "cuda":
         torch.cuda.set_device(device)
         device_group = dist.ProcessGroupNCCL(dist.PrefixStore("device", store), rank, size)
-    return TPGroup(rank, size, cpu_group, device_group, store)
+    return TPGroup(rank, size, cpu_group, device_group)
 
 
 def check_devices(device: str, size: int) -> None:

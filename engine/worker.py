@@ -18,6 +18,7 @@ from engine.distributed import TPGroup, connect_store, join_group, rank_device
 from engine.loader import TORCH_DTYPES, ModelSource, load_model
 from engine.model_runner import ModelRunner
 from engine.models.config import ModelConfig
+from engine.models.llama import LlamaForCausalLM
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ def _set_threads(config: EngineConfig) -> None:
         torch.set_num_threads(threads)
 
 
-def _blocks_that_fit(config: EngineConfig, model: torch.nn.Module, device: torch.device) -> int:
+def _blocks_that_fit(config: EngineConfig, model: LlamaForCausalLM, device: torch.device) -> int:
     if config.num_kv_blocks is not None:
         return config.num_kv_blocks
     block_bytes = ModelRunner.kv_block_bytes(model, config.block_size)

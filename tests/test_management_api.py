@@ -5,6 +5,7 @@ inside, registered while the server runs.
 """
 from __future__ import annotations
 
+import time
 import zipfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -44,6 +45,18 @@ def workers(server: TorchServeProcess, version: str) -> list[str]:
     return [worker["status"] for worker in described[0]["workers"]]
 
 
+def settled_workers(server: TorchServeProcess, version: str, expected: list[str], timeout: float = 10.0) -> list[str]:
+    """The workers' statuses once they equal `expected`, or as they are after `timeout`.
+
+    A synchronous scale returns a moment before the new worker's status turns READY: TorchServe 0.12.0's async
+    worker answers the waiting request first and sets the state after.
+    """
+    deadline = time.monotonic() + timeout
+    while (statuses := workers(server, version)) != expected and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return statuses
+
+
 def complete(server: TorchServeProcess, version: str) -> tuple[int, Any]:
     served = ServedModel(server, NAME, version)
     return http(f"{served.openai_base_url}/completions", body={"prompt": "Hi", "max_tokens": 4})
@@ -80,11 +93,11 @@ def test_set_default_moves_the_default_version(server: TorchServeProcess) -> Non
 def test_scale_to_two_workers_and_back_to_one(server: TorchServeProcess) -> None:
     status, body = management_call(server.management_url, "PUT", f"/models/{NAME}/2.0?min_worker=2&synchronous=true")
     assert status == 200, body
-    assert workers(server, "2.0") == ["READY", "READY"]
+    assert settled_workers(server, "2.0", ["READY", "READY"]) == ["READY", "READY"]
     assert complete(server, "2.0")[0] == 200
     status, body = management_call(server.management_url, "PUT", f"/models/{NAME}/2.0?min_worker=1&synchronous=true")
     assert status == 200, body
-    assert workers(server, "2.0") == ["READY"]
+    assert settled_workers(server, "2.0", ["READY"]) == ["READY"]
     assert complete(server, "2.0")[0] == 200
 
 
