@@ -5,7 +5,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Optional
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+from engine.dtypes import TORCH_DTYPES
+
+DTYPES = ("auto", *TORCH_DTYPES)
 LOAD_FORMATS = ("auto", "dummy")
 
 
@@ -13,7 +15,7 @@ LOAD_FORMATS = ("auto", "dummy")
 class EngineConfig:
     model: Optional[str] = None
     tokenizer: Optional[str] = None
-    dtype: str = "float32"
+    dtype: str = "auto"  # engine.dtypes.resolve_dtype: bfloat16 on GPUs and on CPUs with native bfloat16
     load_format: str = "auto"
     seed: int = 0
     device: str = "cpu"

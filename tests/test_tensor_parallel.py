@@ -20,7 +20,7 @@ from engine.layers.sharding import kv_heads, vocab_rows
 from conftest import PROMPT, track_engine
 from test_greedy_matches_transformers import PROMPTS
 
-TINY = {"num_kv_blocks": 128}
+TINY = {"num_kv_blocks": 128, "dtype": "float32"}
 
 
 def greedy_with_logprobs(llm: Any, prompts: list[Any], max_tokens: int = 24) -> list[list[tuple[int, float]]]:

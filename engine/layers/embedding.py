@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.distributed import TPGroup
-from engine.layers.linear import check_shape
+from engine.layers.linear import PackableMatmul, check_shape
 from engine.layers.sharding import vocab_rows, vocab_rows_per_rank
 
 
@@ -39,8 +39,8 @@ class VocabEmbedding(nn.Module):
         return self.tp.all_reduce(embeddings)
 
 
-class LMHead(VocabEmbedding):
+class LMHead(VocabEmbedding, PackableMatmul):
     def forward(self, hidden: torch.Tensor) -> Optional[torch.Tensor]:
         """Logits [T, vocab] on rank 0; None on the other ranks."""
-        logits = self.tp.gather_last_dim(F.linear(hidden, self.weight))
+        logits = self.tp.gather_last_dim(self.matmul(hidden))
         return None if logits is None else logits[:, : self.rows.total]

