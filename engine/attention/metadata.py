@@ -1,7 +1,7 @@
 """Flat-batch metadata shared by every attention backend."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
@@ -24,6 +24,7 @@ class AttentionMetadata:
     block_size: int
     query_start_loc_cpu: list[int]
     context_lens_cpu: list[int]
+    _cache_rows: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
     def num_seqs(self) -> int:
@@ -44,6 +45,14 @@ class AttentionMetadata:
         """[num_decodes, longest decode context]: the cache slot of every context position (padding included)."""
         rows = torch.arange(self.num_decodes, device=self.block_tables.device).unsqueeze(1)
         return cache_slots(self.block_tables, rows, self._decode_positions.unsqueeze(0), self.block_size)
+
+    def decode_cache_rows(self, num_kv_heads: int) -> torch.Tensor:
+        """Flat [num_decodes * num_kv_heads * longest context] rows of a cache viewed as [slots * heads, D], in
+        (sequence, head, position) order; the same for every layer, so built once per step."""
+        if num_kv_heads not in self._cache_rows:
+            heads = torch.arange(num_kv_heads, device=self.decode_slots.device).view(1, -1, 1)
+            self._cache_rows[num_kv_heads] = (self.decode_slots.unsqueeze(1) * num_kv_heads + heads).flatten()
+        return self._cache_rows[num_kv_heads]
 
 
 def cache_slots(block_tables: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:

@@ -30,9 +30,8 @@ def paged_attention(
     out = torch.empty_like(q)
     num_decodes = metadata.num_decodes
     if num_decodes:
-        out[:num_decodes] = decode_attention(
-            q[:num_decodes], k_cache, v_cache, metadata.decode_slots, metadata.decode_padding_mask, scale
-        )
+        rows = metadata.decode_cache_rows(k_cache.shape[2])
+        out[:num_decodes] = decode_attention(q[:num_decodes], k_cache, v_cache, rows, metadata.decode_padding_mask, scale)
     starts = metadata.query_start_loc_cpu
     for i in range(num_decodes, metadata.num_seqs):
         query = slice(starts[i], starts[i + 1])
@@ -50,16 +49,17 @@ def decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    slots: torch.Tensor,
+    rows: torch.Tensor,
     padding_mask: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    """One query token per sequence, q [B, Hq, D], over the cache slots [B, L]; `padding_mask` marks the padding."""
+    """One query token per sequence, q [B, Hq, D], over its context [B, L] (`padding_mask` marks the padding).
+
+    `rows` (AttentionMetadata.decode_cache_rows) index the caches viewed as [slots * Hkv, D]: gathering them yields
+    keys already laid out [B, Hkv, L, D] for the batched matmul.
+    """
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
-    # Gathering (slot, head) rows yields keys already laid out [B, Hkv, L, D] for the batched matmul.
-    heads = torch.arange(num_kv_heads, device=slots.device).view(1, -1, 1)
-    rows = (slots.unsqueeze(1) * num_kv_heads + heads).flatten()
     keys = k_cache.view(-1, head_dim).index_select(0, rows).view(batch, num_kv_heads, -1, head_dim)
     values = v_cache.view(-1, head_dim).index_select(0, rows).view(batch, num_kv_heads, -1, head_dim)
     grouped = q.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)

@@ -8,6 +8,9 @@ import torch
 from torch import nn
 
 
+Angles = tuple[torch.Tensor, torch.Tensor]  # cos and sin [T, 1, D] of one step's token positions
+
+
 def inverse_frequencies(head_dim: int, theta: float, scaling: dict[str, Any]) -> torch.Tensor:
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
     rope_type = scaling.get("rope_type", "default")
@@ -37,11 +40,15 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos_cache", angles.cos(), persistent=False)
         self.register_buffer("sin_cache", angles.sin(), persistent=False)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Rotate x [T, heads, D] (query and key heads may come stacked) by the token positions [T]."""
-        cos = self.cos_cache[positions].to(x.dtype).unsqueeze(1)
-        sin = self.sin_cache[positions].to(x.dtype).unsqueeze(1)
-        return x * cos + _rotate_half(x) * sin
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> Angles:
+        """The angles of the token positions [T]: computed once per step, applied in every layer."""
+        return self.cos_cache[positions].to(dtype).unsqueeze(1), self.sin_cache[positions].to(dtype).unsqueeze(1)
+
+
+def apply_rotary(x: torch.Tensor, angles: Angles) -> torch.Tensor:
+    """Rotate x [T, heads, D] (query and key heads may come stacked) by the angles RotaryEmbedding gave."""
+    cos, sin = angles
+    return x * cos + _rotate_half(x) * sin
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

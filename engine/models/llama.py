@@ -13,7 +13,7 @@ from engine.layers.attention import Attention
 from engine.layers.embedding import LMHead, VocabEmbedding
 from engine.layers.linear import ColumnParallelLinear, RowParallelLinear, check_shape
 from engine.layers.norm import RMSNorm
-from engine.layers.rotary import RotaryEmbedding
+from engine.layers.rotary import Angles, RotaryEmbedding, apply_rotary
 from engine.layers.sharding import kv_heads, split_evenly
 from engine.models.config import ModelConfig
 
@@ -29,7 +29,7 @@ STACKED_PROJECTIONS = {
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: ModelConfig, max_position: int, tp: TPGroup) -> None:
+    def __init__(self, config: ModelConfig, tp: TPGroup) -> None:
         super().__init__()
         head_dim = config.head_dim
         q_heads = split_evenly(config.num_heads, tp.rank, tp.size)
@@ -40,13 +40,12 @@ class LlamaAttention(nn.Module):
             config.hidden_size, [q_heads.scaled(head_dim), kv_rows, kv_rows], config.qkv_bias
         )
         self.o_proj = RowParallelLinear(q_heads.scaled(head_dim), config.hidden_size, tp, config.o_proj_bias)
-        self.rotary = RotaryEmbedding(head_dim, max_position, config.rope_theta, config.rope_scaling)
         self.attn = Attention(q_heads.size, kv.size, head_dim)
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
+    def forward(self, angles: Angles, hidden: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
         qkv = self.qkv_proj(hidden)
         query_key = qkv[:, : self.q_size + self.kv_size].view(hidden.shape[0], -1, self.attn.head_dim)
-        rotated = self.rotary(positions, query_key)
+        rotated = apply_rotary(query_key, angles)
         num_heads = self.attn.num_heads
         v = qkv[:, self.q_size + self.kv_size :]
         return self.o_proj(self.attn(rotated[:, :num_heads], rotated[:, num_heads:], v, metadata))
@@ -65,18 +64,18 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, max_position: int, tp: TPGroup) -> None:
+    def __init__(self, config: ModelConfig, tp: TPGroup) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = LlamaAttention(config, max_position, tp)
+        self.self_attn = LlamaAttention(config, tp)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = LlamaMLP(config, tp)
 
     def forward(
-        self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None, metadata: AttentionMetadata
+        self, angles: Angles, hidden: torch.Tensor, residual: torch.Tensor | None, metadata: AttentionMetadata
     ) -> tuple[torch.Tensor, torch.Tensor]:
         hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, metadata)
+        hidden = self.self_attn(angles, hidden, metadata)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 
@@ -85,13 +84,15 @@ class LlamaModel(nn.Module):
     def __init__(self, config: ModelConfig, max_position: int, tp: TPGroup) -> None:
         super().__init__()
         self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, tp)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, max_position, tp) for _ in range(config.num_layers))
+        self.rotary = RotaryEmbedding(config.head_dim, max_position, config.rope_theta, config.rope_scaling)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, tp) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
         hidden, residual = self.embed_tokens(input_ids), None
+        angles = self.rotary(positions, hidden.dtype)
         for layer in self.layers:
-            hidden, residual = layer(positions, hidden, residual, metadata)
+            hidden, residual = layer(angles, hidden, residual, metadata)
         return self.norm(hidden, residual)[0]
 
 
