@@ -23,12 +23,29 @@ class _Stream:
     def __init__(self) -> None:
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[Any] = asyncio.Queue()
+        self.error: Optional[BaseException] = None
 
     def put(self, item: Any) -> None:
         try:
             self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
         except RuntimeError:
             logger.debug("consumer event loop is closed; dropping an output")
+
+    async def next_output(self) -> RequestOutput:
+        """The next delta, merged with every delta already queued behind it: a consumer that falls behind the
+        engine (a busy server streaming to many clients) gets fewer, larger chunks instead of a growing backlog."""
+        if self.error is not None:
+            raise self.error
+        output = await self.queue.get()
+        if isinstance(output, BaseException):
+            raise output
+        while not output.finished and not self.queue.empty():
+            item = self.queue.get_nowait()
+            if isinstance(item, BaseException):
+                self.error = item  # raised on the next call, after the tokens that came before it
+                break
+            output.add(item)
+        return output
 
 
 class AsyncLLMEngine:
@@ -88,11 +105,9 @@ class AsyncLLMEngine:
         finished = False
         try:
             while not finished:
-                item = await stream.queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finished
-                yield item
+                output = await stream.next_output()
+                finished = output.finished
+                yield output
         finally:
             self._streams.pop(request_id, None)
             if not finished:

@@ -50,14 +50,33 @@ def test_async_engine_streams_deltas_that_add_up(async_engine) -> None:
         return deltas
 
     deltas = asyncio.run(run())
-    assert len(deltas) == 12
-    assert [len(d.outputs[0].token_ids) for d in deltas] == [1] * 12
+    assert sum(len(d.outputs[0].token_ids) for d in deltas) == 12
+    assert all(d.outputs[0].token_ids for d in deltas)
     assert deltas[-1].finished and deltas[-1].outputs[0].finish_reason == "length"
     assert all(not d.finished for d in deltas[:-1])
     text = "".join(d.outputs[0].text for d in deltas)
     assert text == async_engine.tokenizer.decode(sum((d.outputs[0].token_ids for d in deltas), []))
     metrics = deltas[-1].metrics
     assert metrics.arrival_time <= metrics.first_scheduled_time <= metrics.first_token_time <= metrics.finished_time
+
+
+def test_a_consumer_that_falls_behind_gets_the_queued_deltas_merged(async_engine) -> None:
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, logprobs=1)
+
+    async def run():
+        deltas = []
+        async for delta in async_engine.generate("slow-reader", PROMPT, params):
+            deltas.append(delta)
+            while async_engine.engine.has_unfinished_requests() and len(deltas) == 1:
+                await asyncio.sleep(0.01)  # the engine runs ahead while this reader is away
+        return deltas
+
+    deltas = asyncio.run(run())
+    merged = sum((d.outputs[0].token_ids for d in deltas), [])
+    assert len(deltas) <= 3 and deltas[-1].finished
+    assert merged == asyncio.run(_collect(async_engine, "fast-reader", PROMPT, 40))
+    assert sum(len(d.outputs[0].logprobs) for d in deltas) == 40
+    assert "".join(d.outputs[0].text for d in deltas) == async_engine.tokenizer.decode(merged)
 
 
 def test_async_engine_serves_32_concurrent_requests(async_engine) -> None:
