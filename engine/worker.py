@@ -31,6 +31,7 @@ class Worker:
         _set_threads(config)
         device = rank_device(config.device, tp.rank)
         dtype = resolve_dtype(config.dtype, device)
+        logger.info("rank %d: weights and KV cache in %s on %s (dtype %s)", tp.rank, dtype, device, config.dtype)
         model = load_model(source, model_config, dtype, device, max_position, config.load_format, config.seed, tp)
         num_blocks = tp.min(_blocks_that_fit(config, model, device))
         self.runner = ModelRunner(model, model_config, config.block_size, num_blocks, config.seed, tp)
