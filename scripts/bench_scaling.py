@@ -19,9 +19,6 @@ from typing import Any
 
 from bench_common import cpu_model, git_commit, local_time, print_context
 
-MIN_TOKEN_ID = 1000
-VOCAB_SIZE = 49152
-
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -36,14 +33,13 @@ def parse_args() -> argparse.Namespace:
 
 def run_point(max_num_seqs: int, input_len: int, output_len: int, dtype: str) -> dict[str, Any]:
     """In this (fresh) process: N requests at once with max_num_seqs N; wall time, tok/s and peak RSS."""
-    import torch
-
+    from bench_offline import random_prompts
     from engine import LLM, SamplingParams
 
     blocks_per_seq = -(-(input_len + output_len) // 16)
     llm = LLM(model=None, dtype=dtype, max_num_seqs=max_num_seqs, num_kv_blocks=max_num_seqs * blocks_per_seq + 16)
-    generator = torch.Generator().manual_seed(max_num_seqs * 10007 + input_len)
-    prompts = torch.randint(MIN_TOKEN_ID, VOCAB_SIZE, (max_num_seqs, input_len), generator=generator).tolist()
+    vocab_size = llm.engine.runner.model.config.vocab_size
+    prompts = random_prompts(max_num_seqs, input_len, vocab_size, seed=max_num_seqs * 10007 + input_len)
     llm.generate(prompts[:1], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False)
     params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
     start = time.perf_counter()

@@ -6,7 +6,6 @@ sampler picks each token inside llama.cpp.
 """
 from __future__ import annotations
 
-import ctypes
 from typing import Any
 
 import llama_cpp
