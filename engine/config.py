@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from engine.dtypes import TORCH_DTYPES
+from engine.kernel_backend import ATTENTION_BACKENDS
 
 DTYPES = ("auto", *TORCH_DTYPES)
 LOAD_FORMATS = ("auto", "dummy")
@@ -27,6 +28,8 @@ class EngineConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     enable_prefix_caching: bool = True
+    attention_backend: str = "auto"  # engine.kernel_backend.select_backend: Triton on CUDA, PyTorch on CPU
+    enforce_eager: bool = False  # True: no CUDA graphs for decode steps
     num_threads: Optional[int] = None  # per rank; default: all cores, split evenly between CPU ranks
     tensor_parallel_size: int = 1
     stats_interval_s: float = 0.5  # AsyncLLMEngine calls its stat loggers at most once per this many seconds
@@ -34,6 +37,10 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
+        if not isinstance(self.enforce_eager, bool):
+            raise ValueError(f"enforce_eager must be true or false, got {self.enforce_eager!r}")
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
         _require_positive(self, "block_size", "max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size")

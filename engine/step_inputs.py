@@ -30,6 +30,7 @@ class StepInputs:
     num_decodes: int
 
     def metadata(self, block_size: int, device: torch.device) -> AttentionMetadata:
+        context_lens_cpu = self.context_lens.tolist()
         return AttentionMetadata(
             slot_mapping=self.slot_mapping.to(device),
             block_tables=self.block_tables.to(device),
@@ -38,7 +39,8 @@ class StepInputs:
             num_decodes=self.num_decodes,
             block_size=block_size,
             query_start_loc_cpu=self.query_start_loc.tolist(),
-            context_lens_cpu=self.context_lens.tolist(),
+            context_lens_cpu=context_lens_cpu,
+            max_decode_context_len=max(context_lens_cpu[: self.num_decodes], default=0),
         )
 
     def send(self, tp: TPGroup) -> None:

@@ -13,7 +13,9 @@ class AttentionMetadata:
 
     `context_lens` counts the tokens of each sequence in the cache once this step's tokens are
     written; the query tokens of sequence i are the last `query_start_loc[i + 1] - query_start_loc[i]`
-    of its context. The `*_cpu` fields are host copies for the loops that need them.
+    of its context. The `*_cpu` fields are host copies for the loops that need them. `max_decode_context_len`
+    bounds the decodes' context lengths: their longest in eager steps, max_model_len in CUDA graphs, which must
+    serve every later batch.
     """
 
     slot_mapping: torch.Tensor
@@ -24,6 +26,7 @@ class AttentionMetadata:
     block_size: int
     query_start_loc_cpu: list[int]
     context_lens_cpu: list[int]
+    max_decode_context_len: int
     _cache_rows: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
@@ -32,8 +35,7 @@ class AttentionMetadata:
 
     @cached_property
     def _decode_positions(self) -> torch.Tensor:
-        longest = max(self.context_lens_cpu[: self.num_decodes])
-        return torch.arange(longest, device=self.context_lens.device)
+        return torch.arange(self.max_decode_context_len, device=self.context_lens.device)
 
     @cached_property
     def decode_padding_mask(self) -> torch.Tensor:

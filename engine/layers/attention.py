@@ -1,4 +1,4 @@
-"""The attention layer: owns its slice of the paged KV cache and calls the selected backend."""
+"""The attention layer: owns its slice of the paged KV cache and calls the selected backend's paged attention."""
 from __future__ import annotations
 
 import torch
@@ -17,11 +17,12 @@ class Attention(nn.Module):
         self.scale = head_dim**-0.5
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
+        self.kernel = paged_attention  # or the Triton backend's: LlamaForCausalLM.use_kernels
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
         """q [T, Hq, D], k and v [T, Hkv, D] (heads may come flattened) -> [T, Hq*D]."""
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        out = paged_attention(q, k, v, self.k_cache, self.v_cache, metadata, self.scale)
+        out = self.kernel(q, k, v, self.k_cache, self.v_cache, metadata, self.scale)
         return out.reshape(-1, self.num_heads * self.head_dim)

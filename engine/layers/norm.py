@@ -13,12 +13,19 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
+        self.kernel = rms_norm  # or the Triton kernel: LlamaForCausalLM.use_kernels
 
     def forward(
         self, x: torch.Tensor, residual: Optional[torch.Tensor] = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (normalised x + residual, x + residual), the second being the next residual."""
-        if residual is not None:
-            x = x + residual
-        normed = F.rms_norm(x.float(), self.weight.shape, eps=self.eps)
-        return self.weight * normed.to(x.dtype), x
+        return self.kernel(x, residual, self.weight, self.eps)
+
+
+def rms_norm(
+    x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (weight * rms_norm(x + residual), x + residual), the second being the next residual."""
+    if residual is not None:
+        x = x + residual
+    normed = F.rms_norm(x.float(), weight.shape, eps=eps)
+    return weight * normed.to(x.dtype), x

@@ -8,6 +8,7 @@ from torch import nn
 
 from engine.attention import AttentionMetadata
 from engine.distributed import TPGroup
+from engine.kernel_backend import KernelBackend
 from engine.layers.activation import SiluAndMul
 from engine.layers.attention import Attention
 from engine.layers.embedding import LMHead, VocabEmbedding
@@ -41,11 +42,12 @@ class LlamaAttention(nn.Module):
         )
         self.o_proj = RowParallelLinear(q_heads.scaled(head_dim), config.hidden_size, tp, config.o_proj_bias)
         self.attn = Attention(q_heads.size, kv.size, head_dim)
+        self.apply_rotary = apply_rotary  # or the Triton kernel: LlamaForCausalLM.use_kernels
 
     def forward(self, angles: Angles, hidden: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
         qkv = self.qkv_proj(hidden)
         query_key = qkv[:, : self.q_size + self.kv_size].view(hidden.shape[0], -1, self.attn.head_dim)
-        rotated = apply_rotary(query_key, angles)
+        rotated = self.apply_rotary(query_key, angles)
         num_heads = self.attn.num_heads
         v = qkv[:, self.q_size + self.kv_size :]
         return self.o_proj(self.attn(rotated[:, :num_heads], rotated[:, num_heads:], v, metadata))
@@ -120,6 +122,16 @@ class LlamaForCausalLM(nn.Module):
             if isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
                 module.pack()
         self.lm_head.pack(keep_plain_weight=self.config.tie_word_embeddings)
+
+    def use_kernels(self, backend: KernelBackend) -> None:
+        """Run attention, RMSNorm and rotary with `backend`'s kernels."""
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.kernel = backend.paged_attention
+            elif isinstance(module, RMSNorm):
+                module.kernel = backend.rms_norm
+            elif isinstance(module, LlamaAttention):
+                module.apply_rotary = backend.apply_rotary
 
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn.attn for layer in self.model.layers]
