@@ -11,6 +11,8 @@ from typing import Optional
 import torch
 
 from engine.attention.metadata import cache_slots
+from engine.config import EngineConfig
+from engine.cuda_graphs import DecodeGraphs
 from engine.distributed import TPGroup
 from engine.models.config import ModelConfig
 from engine.models.llama import LlamaForCausalLM
@@ -23,17 +25,23 @@ logger = logging.getLogger(__name__)
 
 
 class ModelRunner:
+    """Built without a KV cache: the worker sizes it (on CUDA, after `profile_forward`), then calls
+    `allocate_kv_cache` and, for CUDA graphs, `capture_decode_graphs`."""
+
     def __init__(
-        self, model: LlamaForCausalLM, config: ModelConfig, block_size: int, num_kv_blocks: int, seed: int,
+        self, model: LlamaForCausalLM, model_config: ModelConfig, config: EngineConfig, max_model_len: int,
         tp: Optional[TPGroup] = None,
     ) -> None:
         self.model = model
+        self.config = config
+        self.max_model_len = max_model_len
         self.tp = tp or TPGroup()
-        self.block_size = block_size
-        self.num_kv_blocks = num_kv_blocks
+        self.block_size = config.block_size
+        self.num_kv_blocks = 0
         self.device = model.lm_head.weight.device
-        self.sampler = Sampler(config.vocab_size, config.eos_token_ids, seed) if self.tp.rank == 0 else None
-        self._allocate_kv_cache()
+        is_rank0 = self.tp.rank == 0
+        self.sampler = Sampler(model_config.vocab_size, model_config.eos_token_ids, config.seed) if is_rank0 else None
+        self.decode_graphs: Optional[DecodeGraphs] = None
 
     @staticmethod
     def kv_block_bytes(model: LlamaForCausalLM, block_size: int) -> int:
@@ -58,11 +66,18 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, inputs: StepInputs) -> Optional[torch.Tensor]:
         """Every rank: the model over one step's tokens; logits of the sampled rows on rank 0, else None."""
-        metadata = inputs.metadata(self.block_size, self.device)
-        hidden = self.model(inputs.input_ids.to(self.device), inputs.positions.to(self.device), metadata)
+        hidden = self._forward(inputs)
         if not len(inputs.sample_indices):
             return None
         return self.model.compute_logits(hidden[inputs.sample_indices.to(self.device)])
+
+    def _forward(self, inputs: StepInputs) -> torch.Tensor:
+        """Hidden states of the step's tokens: a CUDA graph replay for decode-only steps that fit one, else eager."""
+        size = self.decode_graphs.batch_size_for(inputs) if self.decode_graphs else None
+        if size is not None:
+            return self.decode_graphs.replay(inputs, size)
+        metadata = inputs.metadata(self.block_size, self.device)
+        return self.model(inputs.input_ids.to(self.device), inputs.positions.to(self.device), metadata)
 
     def serve_steps(self) -> None:
         """Ranks > 0: run each step rank 0 sends until it stops."""
@@ -93,13 +108,59 @@ class ModelRunner:
             num_decodes=sum(1 for item in batch if item.num_new_tokens == 1),
         )
 
-    def _allocate_kv_cache(self) -> None:
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        self._set_kv_cache(num_blocks)
+        self.num_kv_blocks = num_blocks
+        gib = num_blocks * self.kv_block_bytes(self.model, self.block_size) / 1024**3
+        logger.info(
+            "KV cache (rank %d): %d blocks of %d tokens (%.2f GiB): %.1f requests of max_model_len %d at once",
+            self.tp.rank, num_blocks, self.block_size, gib, num_blocks * self.block_size / self.max_model_len,
+            self.max_model_len,
+        )
+
+    def capture_decode_graphs(self) -> None:
+        self.decode_graphs = DecodeGraphs(
+            self.model, self.config.max_num_seqs, self.max_model_len, self.block_size, self.device
+        )
+        self.decode_graphs.capture()
+
+    @torch.inference_mode()
+    def profile_forward(self) -> None:
+        """The largest step the scheduler can make (max_num_batched_tokens of prefill, logits for up to max_num_seqs
+        rows) over a throwaway one-block cache: its peak memory is what the KV cache must leave room for."""
+        self._set_kv_cache(1)
+        config = self.config
+        step = profile_step_inputs(config.max_num_batched_tokens, self.max_model_len, config.max_num_seqs, self.block_size)
+        self.run(step)
+        self._set_kv_cache(0)
+
+    def _set_kv_cache(self, num_blocks: int) -> None:
         for attention in self.model.attention_layers():
-            shape = (self.num_kv_blocks, self.block_size, attention.num_kv_heads, attention.head_dim)
+            shape = (num_blocks, self.block_size, attention.num_kv_heads, attention.head_dim)
             dtype = self.model.lm_head.weight.dtype
             attention.k_cache = torch.zeros(shape, dtype=dtype, device=self.device)
             attention.v_cache = torch.zeros(shape, dtype=dtype, device=self.device)
-        logger.info("KV cache (rank %d): %d blocks of %d tokens", self.tp.rank, self.num_kv_blocks, self.block_size)
+
+
+def profile_step_inputs(num_tokens: int, max_model_len: int, max_num_seqs: int, block_size: int) -> StepInputs:
+    """Prefills of max_model_len tokens (the last one shorter) totalling num_tokens, all of them in block 0 of the
+    cache (over and over); the last min(num_tokens, max_num_seqs) rows are sampled."""
+    query_lens = torch.tensor([max_model_len] * (num_tokens // max_model_len) + [num_tokens % max_model_len])
+    query_lens = query_lens[query_lens > 0]
+    query_start_loc = torch.zeros(len(query_lens) + 1, dtype=torch.long)
+    torch.cumsum(query_lens, 0, out=query_start_loc[1:])
+    seq_index = torch.repeat_interleave(torch.arange(len(query_lens)), query_lens)
+    positions = torch.arange(num_tokens) - query_start_loc[seq_index]
+    return StepInputs(
+        input_ids=torch.zeros(num_tokens, dtype=torch.long),
+        positions=positions,
+        slot_mapping=positions % block_size,
+        block_tables=torch.zeros(len(query_lens), -(-int(query_lens.max()) // block_size), dtype=torch.long),
+        context_lens=query_lens,
+        query_start_loc=query_start_loc,
+        sample_indices=torch.arange(num_tokens)[-max_num_seqs:],
+        num_decodes=0,
+    )
 
 
 def _pad_block_tables(tables: list[list[int]]) -> torch.Tensor:

@@ -16,10 +16,10 @@ import torch
 from engine.config import EngineConfig
 from engine.distributed import TPGroup, connect_store, join_group, rank_device
 from engine.dtypes import resolve_dtype
+from engine.kernel_backend import select_backend
 from engine.loader import ModelSource, load_model
 from engine.model_runner import ModelRunner
 from engine.models.config import ModelConfig
-from engine.models.llama import LlamaForCausalLM
 
 logger = logging.getLogger(__name__)
 
@@ -33,8 +33,16 @@ class Worker:
         dtype = resolve_dtype(config.dtype, device)
         logger.info("rank %d: weights and KV cache in %s on %s (dtype %s)", tp.rank, dtype, device, config.dtype)
         model = load_model(source, model_config, dtype, device, max_position, config.load_format, config.seed, tp)
-        num_blocks = tp.min(_blocks_that_fit(config, model, device))
-        self.runner = ModelRunner(model, model_config, config.block_size, num_blocks, config.seed, tp)
+        backend = select_backend(config.attention_backend, device)
+        model.use_kernels(backend)
+        logger.info("rank %d: %s kernels (attention_backend %s)", tp.rank, backend.name, config.attention_backend)
+        self.runner = ModelRunner(model, model_config, config, max_position, tp)
+        self.runner.allocate_kv_cache(tp.min(_blocks_that_fit(config, self.runner, device)))
+        if device.type == "cuda" and not config.enforce_eager:
+            if backend.name == "triton":
+                self.runner.capture_decode_graphs()
+            else:
+                logger.info("rank %d: no CUDA graphs: they need the Triton attention backend", tp.rank)
 
 
 def run_worker(
@@ -75,13 +83,40 @@ def _set_threads(config: EngineConfig) -> None:
         torch.set_num_threads(threads)
 
 
-def _blocks_that_fit(config: EngineConfig, model: LlamaForCausalLM, device: torch.device) -> int:
+def _blocks_that_fit(config: EngineConfig, runner: ModelRunner, device: torch.device) -> int:
     if config.num_kv_blocks is not None:
         return config.num_kv_blocks
-    block_bytes = ModelRunner.kv_block_bytes(model, config.block_size)
-    if device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(device)
-        budget = free - total * (1 - config.gpu_memory_utilization)
-    else:
-        budget = config.kv_cache_memory_gb * 1024**3
-    return max(int(budget // block_bytes), 1)
+    block_bytes = ModelRunner.kv_block_bytes(runner.model, config.block_size)
+    if device.type != "cuda":
+        return max(int(config.kv_cache_memory_gb * 1024**3 // block_bytes), 1)
+    total, peak = _profile_cuda_memory(runner, device)
+    return cuda_kv_blocks(total, config.gpu_memory_utilization, peak, block_bytes)
+
+
+def _profile_cuda_memory(runner: ModelRunner, device: torch.device) -> tuple[int, int]:
+    """(the device's total bytes, the peak in use during the profiling forward, memory outside PyTorch included)."""
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    free, total = torch.cuda.mem_get_info(device)
+    outside_torch = total - free - torch.cuda.memory_reserved(device)
+    runner.profile_forward()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) + outside_torch
+    logger.info(
+        "rank %d: a %d-token forward peaks at %.2f GiB of the device's %.2f GiB",
+        runner.tp.rank, runner.config.max_num_batched_tokens, peak / 1024**3, total / 1024**3,
+    )
+    torch.cuda.empty_cache()
+    return total, peak
+
+
+def cuda_kv_blocks(total_bytes: int, gpu_memory_utilization: float, peak_bytes: int, block_bytes: int) -> int:
+    """Blocks = (total x gpu_memory_utilization - peak) / block bytes; ValueError when not even one fits."""
+    budget = total_bytes * gpu_memory_utilization - peak_bytes
+    if budget < block_bytes:
+        raise ValueError(
+            f"no room for the KV cache: gpu_memory_utilization {gpu_memory_utilization} of {total_bytes / 1024**3:.2f} "
+            f"GiB leaves {budget / 1024**3:.2f} GiB after the model's peak of {peak_bytes / 1024**3:.2f} GiB; raise "
+            "gpu_memory_utilization or lower max_num_batched_tokens"
+        )
+    return int(budget // block_bytes)

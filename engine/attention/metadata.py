@@ -14,8 +14,8 @@ class AttentionMetadata:
     `context_lens` counts the tokens of each sequence in the cache once this step's tokens are
     written; the query tokens of sequence i are the last `query_start_loc[i + 1] - query_start_loc[i]`
     of its context. The `*_cpu` fields are host copies for the loops that need them. `max_decode_context_len`
-    bounds the decodes' context lengths: their longest in eager steps, max_model_len in CUDA graphs, which must
-    serve every later batch.
+    bounds the decodes' context lengths: their longest in eager steps. In CUDA graphs, which must serve every
+    later batch, it and `context_lens_cpu` hold max_model_len.
     """
 
     slot_mapping: torch.Tensor
