@@ -39,8 +39,9 @@ class ModelRunner:
         self.block_size = config.block_size
         self.num_kv_blocks = 0
         self.device = model.lm_head.weight.device
-        is_rank0 = self.tp.rank == 0
-        self.sampler = Sampler(model_config.vocab_size, model_config.eos_token_ids, config.seed) if is_rank0 else None
+        self.sampler: Optional[Sampler] = None
+        if self.tp.rank == 0:
+            self.sampler = Sampler(model_config.vocab_size, model_config.eos_token_ids, config.seed, self.device)
         self.decode_graphs: Optional[DecodeGraphs] = None
 
     @staticmethod

@@ -27,10 +27,10 @@ class SamplerOutput:
 
 
 class Sampler:
-    def __init__(self, vocab_size: int, eos_token_ids: list[int], seed: int) -> None:
+    def __init__(self, vocab_size: int, eos_token_ids: list[int], seed: int, device: torch.device) -> None:
         self.vocab_size = vocab_size
         self.eos_token_ids = eos_token_ids
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator(device=device).manual_seed(seed)
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
         if all(_plain_greedy(seq) for seq in seqs):
@@ -52,13 +52,14 @@ class Sampler:
         if not rows:
             return logits
         sub = logits[rows]
-        output_counts = _token_counts([seqs[i].output_token_ids for i in rows], self.vocab_size)
-        seen = _token_counts([seqs[i].token_ids for i in rows], self.vocab_size) > 0
-        repetition = torch.tensor([seqs[i].params.repetition_penalty for i in rows]).unsqueeze(1)
+        device = logits.device
+        output_counts = _token_counts([seqs[i].output_token_ids for i in rows], self.vocab_size, device)
+        seen = _token_counts([seqs[i].token_ids for i in rows], self.vocab_size, device) > 0
+        repetition = _column([seqs[i].params.repetition_penalty for i in rows], device)
         penalised = torch.where(sub > 0, sub / repetition, sub * repetition)
         sub = torch.where(seen, penalised, sub)
-        frequency = torch.tensor([seqs[i].params.frequency_penalty for i in rows]).unsqueeze(1)
-        presence = torch.tensor([seqs[i].params.presence_penalty for i in rows]).unsqueeze(1)
+        frequency = _column([seqs[i].params.frequency_penalty for i in rows], device)
+        presence = _column([seqs[i].params.presence_penalty for i in rows], device)
         sub = sub - frequency * output_counts - presence * (output_counts > 0)
         logits[rows] = sub
         return logits
@@ -71,15 +72,15 @@ class Sampler:
         return logits
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        greedy = torch.tensor([s.params.greedy for s in seqs])
+        greedy = torch.tensor([s.params.greedy for s in seqs], device=logits.device)
         greedy_ids = logits.argmax(dim=-1)
-        temperature = torch.tensor([s.params.temperature or 1.0 for s in seqs]).unsqueeze(1)
+        temperature = _column([s.params.temperature or 1.0 for s in seqs], logits.device)
         logits = _filter_top_k_top_p_min_p(logits / temperature, seqs)
         probs = logits.softmax(dim=-1)
         noise = torch.empty_like(probs).exponential_(generator=self.generator)
         for i, seq in enumerate(seqs):
-            if seq.generator is not None:
-                noise[i].exponential_(generator=seq.generator)
+            if seq.generator is not None:  # on the CPU: a seed gives the same draws on every device
+                noise[i] = torch.empty(noise.shape[1]).exponential_(generator=seq.generator).to(noise.device)
         sampled = (probs / noise).argmax(dim=-1)
         return torch.where(greedy, greedy_ids, sampled)
 
@@ -95,12 +96,17 @@ def _has_penalty(seq: Sequence) -> bool:
     return p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
 
 
-def _token_counts(token_lists: list[list[int]], vocab_size: int) -> torch.Tensor:
+def _column(values: list[float], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, device=device).unsqueeze(1)
+
+
+def _token_counts(token_lists: list[list[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
     width = max(len(ids) for ids in token_lists)
     padded = torch.full((len(token_lists), width), vocab_size, dtype=torch.long)
     for row, ids in enumerate(token_lists):
         padded[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-    counts = torch.zeros(len(token_lists), vocab_size + 1)
+    padded = padded.to(device)
+    counts = torch.zeros(len(token_lists), vocab_size + 1, device=device)
     counts.scatter_add_(1, padded, torch.ones_like(padded, dtype=counts.dtype))
     return counts[:, :vocab_size]
 
@@ -111,12 +117,13 @@ def _filter_top_k_top_p_min_p(logits: torch.Tensor, seqs: list[Sequence]) -> tor
         return logits
     vocab = logits.shape[1]
     sorted_logits, order = logits.sort(dim=-1, descending=True)
-    top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params]).unsqueeze(1)
-    drop = torch.arange(vocab).unsqueeze(0) >= top_k
+    device = logits.device
+    top_k = _column([p.top_k if p.top_k > 0 else vocab for p in params], device)
+    drop = torch.arange(vocab, device=device).unsqueeze(0) >= top_k
     sorted_probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
-    top_p = torch.tensor([p.top_p for p in params]).unsqueeze(1)
+    top_p = _column([p.top_p for p in params], device)
     drop |= (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p
-    min_p = torch.tensor([p.min_p for p in params]).unsqueeze(1)
+    min_p = _column([p.min_p for p in params], device)
     drop |= sorted_probs < min_p * sorted_probs[:, :1]
     drop[:, 0] = False
     return logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))

@@ -122,6 +122,6 @@ def test_frequency_and_presence_penalties_follow_openai_formula() -> None:
     seq = request.seqs[0]
     seq.token_ids += [3, 3, 4]
     logits = torch.tensor([[1.0, 1.0, 1.0, 1.0, -1.0, 1.0, 1.0, 1.0]])
-    penalised = Sampler(vocab, eos_token_ids=[], seed=0)._apply_penalties(logits.clone(), [seq])
+    penalised = Sampler(vocab, eos_token_ids=[], seed=0, device=torch.device("cpu"))._apply_penalties(logits.clone(), [seq])
     expected = torch.tensor([[1.0, 0.5, 0.5, 0.5 - 0.5 - 0.5, -2.0 - 0.25 - 0.5, 1.0, 1.0, 1.0]])
     assert torch.allclose(penalised, expected)

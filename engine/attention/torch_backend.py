@@ -74,8 +74,8 @@ def prefill_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     query_len, context_len = q.shape[0], keys.shape[0]
     mask = None
     if query_len != context_len:
-        query_pos = torch.arange(context_len - query_len, context_len)
-        mask = torch.arange(context_len)[None, :] <= query_pos[:, None]
+        query_pos = torch.arange(context_len - query_len, context_len, device=q.device)
+        mask = torch.arange(context_len, device=q.device)[None, :] <= query_pos[:, None]
     out = F.scaled_dot_product_attention(
         q.transpose(0, 1).unsqueeze(0),
         keys.transpose(0, 1).unsqueeze(0),

@@ -93,7 +93,7 @@ def prefill_attention(
         scale, first_seq, head_dim,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         block_tables.stride(0), k_cache.stride(0), k_cache.stride(1),
-        GROUP=num_heads // num_kv_heads, BLOCK_M=block_m, BLOCK_N=32, BLOCK_D=triton.next_power_of_2(head_dim),
+        GROUP=num_heads // num_kv_heads, BLOCK_M=block_m, BLOCK_N=64, BLOCK_D=triton.next_power_of_2(head_dim),
         BLOCK_SIZE=block_size, **dot_options(q.dtype),
     )
     return out

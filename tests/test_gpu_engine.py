@@ -1,0 +1,67 @@
+"""The engine on CUDA: Triton kernels with decode CUDA graphs give the PyTorch path's greedy tokens (float32) and
+transformers' tokens; half precision runs end to end. Skipped without a CUDA device."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine import SamplingParams
+from test_greedy_matches_transformers import PROMPTS, engine_greedy, transformers_greedy
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.parametrize("kind", ["llama", "llama3", "mistral", "qwen2"])
+def test_cuda_graphs_and_triton_match_the_torch_path_and_transformers(kind: str, tiny_model, llm_factory) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder: Path = tiny_model(kind)
+    prompts_ids = [AutoTokenizer.from_pretrained(folder).encode(prompt) for prompt in PROMPTS]
+    graphs = llm_factory(folder, device="cuda", num_kv_blocks=256, max_num_seqs=8)
+    eager_torch = llm_factory(folder, device="cuda", num_kv_blocks=256, attention_backend="torch", enforce_eager=True)
+    assert graphs.engine.runner.decode_graphs is not None
+    ours = engine_greedy(graphs, prompts_ids, 32)
+    assert ours == engine_greedy(eager_torch, prompts_ids, 32)
+    reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    for prompt_ids, got in zip(prompts_ids, ours):
+        assert got == transformers_greedy(reference, prompt_ids, 32)
+
+
+@pytest.mark.slow
+def test_smollm2_on_cuda_graphs_matches_transformers(smollm2_path: Path, llm_factory) -> None:
+    from transformers import AutoModelForCausalLM
+
+    llm = llm_factory(None, device="cuda", max_num_seqs=16)
+    tokenizer = llm.get_tokenizer()
+    prompts_ids = [tokenizer.encode(prompt) for prompt in PROMPTS]
+    reference = AutoModelForCausalLM.from_pretrained(
+        str(smollm2_path.parent), gguf_file=smollm2_path.name, dtype=torch.float32
+    ).eval()
+    for prompt_ids, got in zip(prompts_ids, engine_greedy(llm, prompts_ids, 48)):
+        assert got == transformers_greedy(reference, prompt_ids, 48)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_runs_end_to_end_with_graphs(dtype: str, llm_factory) -> None:
+    llm = llm_factory(None, device="cuda", dtype=dtype, max_num_seqs=16)
+    exact = llm_factory(None, device="cuda", max_num_seqs=16)
+    assert llm.engine.runner.model.lm_head.weight.dtype == getattr(torch, dtype)
+    tokenizer = llm.get_tokenizer()
+    prompts_ids = [tokenizer.encode(prompt) for prompt in PROMPTS]
+    half, full = engine_greedy(llm, prompts_ids, 8), engine_greedy(exact, prompts_ids, 8)
+    agreeing = sum(got[:4] == expected[:4] for got, expected in zip(half, full))
+    assert agreeing >= len(PROMPTS) - 1, (half, full)
+
+
+def test_every_sampling_option_runs_on_cuda_and_a_seed_repeats(tiny_model, llm_factory) -> None:
+    llm = llm_factory(tiny_model("llama"), device="cuda", num_kv_blocks=256)
+    params = SamplingParams(
+        n=2, temperature=0.8, top_k=20, top_p=0.9, min_p=0.05, repetition_penalty=1.2, frequency_penalty=0.3,
+        presence_penalty=0.2, seed=7, logprobs=3, max_tokens=16, min_tokens=4,
+    )
+    first, second = (llm.generate(["Once upon a time"], params)[0].outputs for _ in range(2))
+    assert [out.token_ids for out in first] == [out.token_ids for out in second]
+    assert all(len(out.token_ids) >= 4 and len(out.logprobs) == len(out.token_ids) for out in first)
