@@ -38,8 +38,8 @@ import torch
 
 from bench_common import git_commit, local_time, print_context
 from bench_offline import (
-    OURS, GenerateFn, Result, Workload, add_ratios, left_pad, llm_generate, print_table, random_prompts,
-    time_workload,
+    OURS, Result, Workload, add_ratios, continuous_batching, has_generate_batch, llm_generate, print_table,
+    random_prompts, static_batching, time_workload,
 )
 from engine import LLM, SamplingParams
 from engine.attention import torch_backend
@@ -432,58 +432,13 @@ def load_hf_model(folder: Path) -> Any:
     return model.eval()
 
 
-def static_generate(model: Any, batch_size: int) -> GenerateFn:
-    """Static batching: left-padded `generate` calls of `batch_size` prompts, exactly `output_len` new tokens each."""
-    pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
-
-    def generate(prompts: list[list[int]], output_len: int) -> int:
-        produced = 0
-        for start in range(0, len(prompts), batch_size):
-            input_ids, attention_mask = left_pad(prompts[start : start + batch_size], pad_id)
-            output = model.generate(
-                input_ids.to(DEVICE),
-                attention_mask=attention_mask.to(DEVICE),
-                do_sample=False,
-                max_new_tokens=output_len,
-                min_new_tokens=output_len,
-                eos_token_id=None,
-                pad_token_id=pad_id,
-            )
-            produced += output[:, input_ids.shape[1] :].numel()
-        return produced
-
-    return generate
-
-
-def paged_generate(model: Any) -> GenerateFn:
-    """transformers' continuous batching: one `generate_batch` call, which sets up its paged cache each time."""
-    from transformers import GenerationConfig
-
-    def generate(prompts: list[list[int]], output_len: int) -> int:
-        # eos_token_id=-1 disables EOS in generate_batch (None would fall back to the model's EOS).
-        config = GenerationConfig(do_sample=False, max_new_tokens=output_len, eos_token_id=-1)
-        outputs = model.generate_batch(prompts, generation_config=config)
-        failed = [output.error for output in outputs.values() if output.error is not None]
-        if failed or len(outputs) != len(prompts):
-            raise RuntimeError(f"generate_batch: {len(outputs)}/{len(prompts)} results, errors {failed}")
-        return sum(len(output.generated_tokens) for output in outputs.values())
-
-    return generate
-
-
-def has_generate_batch() -> bool:
-    from transformers import GenerationMixin
-
-    return hasattr(GenerationMixin, "generate_batch")
-
-
 def bench_peer(system: str, folder: Path, args: argparse.Namespace, warmup: Workload, workload: Workload) -> Result:
     print(f"[{system}] loading", flush=True)
     model = load_hf_model(folder)
     if system == "transformers":
-        generate = static_generate(model, args.peer_batch_size or workload.num_requests)
+        generate = static_batching(model, args.peer_batch_size)
     else:
-        generate = paged_generate(model)
+        generate = continuous_batching(model)
     generate(warmup.prompts, warmup.output_len)
     print(f"[{system}] timing {workload.name} ({workload.num_requests} requests)", flush=True)
     return time_workload(system, generate, workload)

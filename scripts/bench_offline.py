@@ -195,33 +195,47 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
 
 
 def transformers_generate(args: argparse.Namespace) -> GenerateFn:
-    """Static batching: the whole batch in one `generate` call, exactly `output_len` new tokens each."""
-    model = load_peer_model(args.dtype)
+    return static_batching(load_peer_model(args.dtype))
+
+
+def static_batching(model: Any, batch_size: Optional[int] = None) -> GenerateFn:
+    """Left-padded `generate` calls over `batch_size` prompts at a time (default: all in one), exactly
+    `output_len` new tokens each, on the model's device."""
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
 
     def generate(prompts: list[list[int]], output_len: int) -> int:
-        input_ids, attention_mask = left_pad(prompts, pad_id)
-        output = model.generate(
-            input_ids,
-            attention_mask=attention_mask,
-            do_sample=False,
-            max_new_tokens=output_len,
-            min_new_tokens=output_len,
-            eos_token_id=None,
-            pad_token_id=pad_id,
-        )
-        return output[:, input_ids.shape[1] :].numel()
+        produced = 0
+        for start in range(0, len(prompts), batch_size or len(prompts)):
+            input_ids, attention_mask = left_pad(prompts[start : start + (batch_size or len(prompts))], pad_id)
+            output = model.generate(
+                input_ids.to(model.device),
+                attention_mask=attention_mask.to(model.device),
+                do_sample=False,
+                max_new_tokens=output_len,
+                min_new_tokens=output_len,
+                eos_token_id=None,
+                pad_token_id=pad_id,
+            )
+            produced += output[:, input_ids.shape[1] :].numel()
+        return produced
 
     return generate
 
 
 def transformers_paged_generate(args: argparse.Namespace) -> Optional[GenerateFn]:
-    """transformers' continuous batching with a paged KV cache; None when this version lacks it."""
-    from transformers import GenerationConfig, GenerationMixin
+    """None when the installed transformers lacks continuous batching."""
+    return continuous_batching(load_peer_model(args.dtype)) if has_generate_batch() else None
 
-    if not hasattr(GenerationMixin, "generate_batch"):
-        return None
-    model = load_peer_model(args.dtype)
+
+def has_generate_batch() -> bool:
+    from transformers import GenerationMixin
+
+    return hasattr(GenerationMixin, "generate_batch")
+
+
+def continuous_batching(model: Any) -> GenerateFn:
+    """transformers' continuous batching with a paged KV cache: one `generate_batch` call."""
+    from transformers import GenerationConfig
 
     def generate(prompts: list[list[int]], output_len: int) -> int:
         # eos_token_id=-1 disables EOS in generate_batch (None would fall back to the model's EOS).
