@@ -60,3 +60,7 @@ def test_num_splits_fills_the_device_without_short_splits() -> None:
     assert decode_num_splits(batch=64, num_kv_heads=8, max_context_len=4096, num_programs_wanted=264) == 1
     assert decode_num_splits(batch=1, num_kv_heads=8, max_context_len=300, num_programs_wanted=264) == 2
     assert decode_num_splits(batch=1, num_kv_heads=1, max_context_len=10**6, num_programs_wanted=10**4) == 64
+
+
+def test_decode_with_a_head_dim_that_is_not_a_power_of_two() -> None:
+    check_decode(CONTEXT_LENS, 3, 80, 16, torch.float32, num_splits=2)

@@ -50,3 +50,7 @@ def test_prefill_matches_reference_in_half_precision(dtype: torch.dtype) -> None
 
 def test_prefill_leaves_the_decode_rows_of_a_mixed_batch_alone() -> None:
     check_prefill([(40, 1), (17, 1), (0, 33), (50, 12)], 2, 64, 16, torch.float32, num_decodes=2)
+
+
+def test_prefill_with_a_head_dim_that_is_not_a_power_of_two() -> None:
+    check_prefill(MIXED_CHUNKS, 3, 80, 16, torch.float32)

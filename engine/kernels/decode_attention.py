@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.kernels.tile_dot import dot_options, tile_dot
+from engine.kernels.attention_tiles import attend_kv_tile, dot_options, head_tile
 
 MIN_SPLIT_TOKENS = 256  # a split shorter than this costs more to merge than it saves
 MAX_SPLITS = 64
@@ -48,19 +48,11 @@ def _decode_split_kernel(
     for position in range(start, end, BLOCK_N):
         tokens = position + tl.arange(0, BLOCK_N)
         valid = tokens < end
-        block = tl.load(block_tables_ptr + seq * block_table_stride + tokens // BLOCK_SIZE, mask=valid, other=0)
-        rows = block.to(tl.int64) * cache_stride_block + (tokens % BLOCK_SIZE) * cache_stride_token + head_offset
-        kv_mask = valid[:, None] & (dims[None, :] < head_dim)
-        k = tl.load(k_cache_ptr + rows[:, None] + dims[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_cache_ptr + rows[:, None] + dims[None, :], mask=kv_mask, other=0.0)
-        scores = tile_dot(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT) * scale
-        scores = tl.where(valid[None, :], scores, float("-inf"))
-        new_max = tl.maximum(max_score, tl.max(scores, axis=1))
-        probs = tl.exp(scores - new_max[:, None])
-        rescale = tl.exp(max_score - new_max)
-        denominator = denominator * rescale + tl.sum(probs, axis=1)
-        acc = acc * rescale[:, None] + tile_dot(probs.to(v.dtype), v, DOT_PRECISION, UPCAST_DOT)
-        max_score = new_max
+        max_score, denominator, acc = attend_kv_tile(
+            q, max_score, denominator, acc, k_cache_ptr, v_cache_ptr, block_tables_ptr + seq * block_table_stride,
+            tokens, valid, valid[None, :], head_offset, dims, head_dim, scale, cache_stride_block, cache_stride_token,
+            BLOCK_SIZE, DOT_PRECISION, UPCAST_DOT,
+        )
 
     empty = denominator == 0.0  # an empty split, or a padding row with no context
     out = acc / tl.where(empty, 1.0, denominator)[:, None]
@@ -122,7 +114,7 @@ def decode_attention(
     partial = out if single else q.new_empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32)
     lse = partial if single else q.new_empty(batch, num_heads, num_splits, dtype=torch.float32)
     split_stride = 0 if single else partial.stride(2)
-    block_d = triton.next_power_of_2(head_dim)
+    block_d = head_tile(head_dim)
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, partial, lse,
         scale, num_splits, head_dim,

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.kernels.tile_dot import dot_options, tile_dot
+from engine.kernels.attention_tiles import attend_kv_tile, dot_options, head_tile
 
 
 @triton.jit
@@ -46,20 +46,12 @@ def _prefill_kernel(
     for position in range(0, kv_end, BLOCK_N):
         tokens = position + tl.arange(0, BLOCK_N)
         valid = tokens < kv_end
-        block = tl.load(block_tables_ptr + seq * block_table_stride + tokens // BLOCK_SIZE, mask=valid, other=0)
-        cache_rows = block.to(tl.int64) * cache_stride_block + (tokens % BLOCK_SIZE) * cache_stride_token + head_offset
-        kv_mask = valid[:, None] & (dims[None, :] < head_dim)
-        k = tl.load(k_cache_ptr + cache_rows[:, None] + dims[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_cache_ptr + cache_rows[:, None] + dims[None, :], mask=kv_mask, other=0.0)
-        scores = tile_dot(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT) * scale
         visible = valid[None, :] & (tokens[None, :] <= query_positions[:, None])
-        scores = tl.where(visible, scores, float("-inf"))
-        new_max = tl.maximum(max_score, tl.max(scores, axis=1))
-        probs = tl.exp(scores - new_max[:, None])
-        rescale = tl.exp(max_score - new_max)
-        denominator = denominator * rescale + tl.sum(probs, axis=1)
-        acc = acc * rescale[:, None] + tile_dot(probs.to(v.dtype), v, DOT_PRECISION, UPCAST_DOT)
-        max_score = new_max
+        max_score, denominator, acc = attend_kv_tile(
+            q, max_score, denominator, acc, k_cache_ptr, v_cache_ptr, block_tables_ptr + seq * block_table_stride,
+            tokens, valid, visible, head_offset, dims, head_dim, scale, cache_stride_block, cache_stride_token,
+            BLOCK_SIZE, DOT_PRECISION, UPCAST_DOT,
+        )
 
     out = acc / tl.where(denominator == 0.0, 1.0, denominator)[:, None]
     out_offsets = (query_start + rows)[:, None] * out_stride_token + head * out_stride_head + dims[None, :]
@@ -93,7 +85,7 @@ def prefill_attention(
         scale, first_seq, head_dim,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         block_tables.stride(0), k_cache.stride(0), k_cache.stride(1),
-        GROUP=num_heads // num_kv_heads, BLOCK_M=block_m, BLOCK_N=64, BLOCK_D=triton.next_power_of_2(head_dim),
+        GROUP=num_heads // num_kv_heads, BLOCK_M=block_m, BLOCK_N=64, BLOCK_D=head_tile(head_dim),
         BLOCK_SIZE=block_size, **dot_options(q.dtype),
     )
     return out
