@@ -130,9 +130,8 @@ class ModelRunner:
         """The largest step the scheduler can make (max_num_batched_tokens of prefill, logits for up to max_num_seqs
         rows) over a throwaway one-block cache: its peak memory is what the KV cache must leave room for."""
         self._set_kv_cache(1)
-        config = self.config
-        step = profile_step_inputs(config.max_num_batched_tokens, self.max_model_len, config.max_num_seqs, self.block_size)
-        self.run(step)
+        tokens, seqs = self.config.max_num_batched_tokens, self.config.max_num_seqs
+        self.run(profile_step_inputs(tokens, self.max_model_len, seqs, self.block_size))
         self._set_kv_cache(0)
 
     def _set_kv_cache(self, num_blocks: int) -> None:
