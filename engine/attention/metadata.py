@@ -34,6 +34,12 @@ class AttentionMetadata:
         return len(self.context_lens_cpu)
 
     @cached_property
+    def max_prefill_query_len(self) -> int:
+        """The longest query chunk of the sequences after the decodes (0 when there are none)."""
+        starts = self.query_start_loc_cpu[self.num_decodes :]
+        return max((end - start for start, end in zip(starts, starts[1:])), default=0)
+
+    @cached_property
     def _decode_positions(self) -> torch.Tensor:
         return torch.arange(self.max_decode_context_len, device=self.context_lens.device)
 

@@ -36,11 +36,9 @@ def paged_attention(
         )
     num_prefills = metadata.num_seqs - num_decodes
     if num_prefills:
-        starts = metadata.query_start_loc_cpu
-        max_query_len = max(end - start for start, end in zip(starts[num_decodes:], starts[num_decodes + 1 :]))
         prefill_attention(
             q, k_cache, v_cache, metadata.block_tables, metadata.context_lens, metadata.query_start_loc,
-            num_decodes, num_prefills, max_query_len, scale, out=out,
+            num_decodes, num_prefills, metadata.max_prefill_query_len, scale, out=out,
         )
     return out
 
