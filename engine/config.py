@@ -28,8 +28,8 @@ class EngineConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     enable_prefix_caching: bool = True
-    attention_backend: str = "auto"  # engine.kernel_backend.select_backend: Triton on CUDA, PyTorch on CPU
-    enforce_eager: bool = False  # True: no CUDA graphs for decode steps
+    attention_backend: str = "auto"  # engine.kernel_backend.select_backend: Triton on CUDA, native kernels on CPU
+    enforce_eager: bool = False  # True: no CUDA graphs on GPU; on CPU the layers run one by one from Python
     num_threads: Optional[int] = None  # per rank; default: all cores, split evenly between CPU ranks
     tensor_parallel_size: int = 1
     stats_interval_s: float = 0.5  # AsyncLLMEngine calls its stat loggers at most once per this many seconds

@@ -1,4 +1,5 @@
-"""Which kernels run the model: PyTorch ops (the CPU path, and the reference) or the Triton kernels (CUDA)."""
+"""Which kernels run the model: PyTorch ops (the reference, and the fallback), the native CPU kernels, or the
+Triton kernels (CUDA)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,10 +8,11 @@ from typing import Callable, Optional
 import torch
 
 from engine.attention import torch_backend
+from engine.layers.activation import silu_and_mul
 from engine.layers.norm import rms_norm
 from engine.layers.rotary import Angles, apply_rotary
 
-ATTENTION_BACKENDS = ("auto", "torch", "triton")
+ATTENTION_BACKENDS = ("auto", "torch", "native", "triton")
 
 
 @dataclass(frozen=True)
@@ -19,23 +21,54 @@ class KernelBackend:
     paged_attention: Callable[..., torch.Tensor]
     rms_norm: Callable[[torch.Tensor, Optional[torch.Tensor], torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]
     apply_rotary: Callable[[torch.Tensor, Angles], torch.Tensor]
+    silu_and_mul: Callable[[torch.Tensor], torch.Tensor] = silu_and_mul
 
 
 TORCH_BACKEND = KernelBackend("torch", torch_backend.paged_attention, rms_norm, apply_rotary)
 
 
 def select_backend(name: str, device: torch.device) -> KernelBackend:
-    """`auto` is Triton on CUDA and PyTorch on CPU; Triton on CPU only under Triton's interpreter (for tests)."""
+    """`auto` is Triton on CUDA, and on CPU the native kernels where they build (else PyTorch, with a warning);
+    Triton on CPU only under Triton's interpreter (for tests)."""
+    if name == "auto" and device.type == "cuda":
+        name = "triton"
     if name == "auto":
-        name = "triton" if device.type == "cuda" else "torch"
+        return _native_backend() if _native_error() is None else TORCH_BACKEND
     if name == "torch":
         return TORCH_BACKEND
+    if name == "native":
+        return _checked_native_backend(device)
     if device.type != "cuda" and not _triton_interprets():
         raise ValueError(
             "attention_backend 'triton' needs a CUDA device (on CPU it runs only under TRITON_INTERPRET=1, "
             "for tests); use 'auto' or 'torch'"
         )
     return _triton_backend()
+
+
+def _checked_native_backend(device: torch.device) -> KernelBackend:
+    if device.type != "cpu":
+        raise ValueError(f"attention_backend 'native' runs on the CPU only, not on {device.type}; use 'auto'")
+    error = _native_error()
+    if error is not None:
+        raise ValueError(f"attention_backend 'native': the native CPU kernels did not build: {error}")
+    return _native_backend()
+
+
+def _native_error() -> Optional[str]:
+    from engine.native.build import native_error
+
+    return native_error()
+
+
+def _native_backend() -> KernelBackend:
+    from engine.attention import native_backend
+    from engine.native import elementwise
+
+    return KernelBackend(
+        "native", native_backend.paged_attention, elementwise.rms_norm, elementwise.apply_rotary,
+        elementwise.silu_and_mul,
+    )
 
 
 def _triton_interprets() -> bool:

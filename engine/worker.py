@@ -36,6 +36,9 @@ class Worker:
         backend = select_backend(config.attention_backend, device)
         model.use_kernels(backend)
         logger.info("rank %d: %s kernels (attention_backend %s)", tp.rank, backend.name, config.attention_backend)
+        if backend.name == "native" and tp.size == 1 and not config.enforce_eager:
+            model.use_native_stack()
+            logger.info("rank %d: decoder layers run as one native call per step", tp.rank)
         self.runner = ModelRunner(model, model_config, config, max_position, tp)
         self.runner.allocate_kv_cache(tp.min(_blocks_that_fit(config, self.runner, device)))
         if device.type == "cuda" and not config.enforce_eager:

@@ -17,6 +17,7 @@ from engine.layers.norm import RMSNorm
 from engine.layers.rotary import Angles, RotaryEmbedding, apply_rotary
 from engine.layers.sharding import kv_heads, split_evenly
 from engine.models.config import ModelConfig
+from engine.native.decoder_stack import NativeDecoderStack
 
 SHARDED_LAYERS = (ColumnParallelLinear, RowParallelLinear, VocabEmbedding)
 # checkpoint projection name -> (our stacked module, part index)
@@ -89,10 +90,13 @@ class LlamaModel(nn.Module):
         self.rotary = RotaryEmbedding(config.head_dim, max_position, config.rope_theta, config.rope_scaling)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, tp) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.native_stack: Optional[NativeDecoderStack] = None  # LlamaForCausalLM.use_native_stack
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
         hidden, residual = self.embed_tokens(input_ids), None
         angles = self.rotary(positions, hidden.dtype)
+        if self.native_stack is not None:
+            return self.native_stack(hidden, angles, metadata)
         for layer in self.layers:
             hidden, residual = layer(angles, hidden, residual, metadata)
         return self.norm(hidden, residual)[0]
@@ -132,6 +136,12 @@ class LlamaForCausalLM(nn.Module):
                 module.kernel = backend.rms_norm
             elif isinstance(module, LlamaAttention):
                 module.apply_rotary = backend.apply_rotary
+            elif isinstance(module, SiluAndMul):
+                module.kernel = backend.silu_and_mul
+
+    def use_native_stack(self) -> None:
+        """Run every decoder layer of a step in one native call (CPU, one rank, after `pack_weights`)."""
+        self.model.native_stack = NativeDecoderStack(self.model.layers, self.model.norm, self.config)
 
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn.attn for layer in self.model.layers]

@@ -1,0 +1,78 @@
+#include "decoder_stack.h"
+
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include <cmath>
+#include <optional>
+
+#include "kernels.h"
+
+namespace pagedserve {
+namespace {
+
+std::optional<at::Tensor> bias_or_none(const at::Tensor& bias) {
+  return bias.numel() ? std::optional<at::Tensor>(bias) : std::nullopt;
+}
+
+// oneDNN's matmul over a weight reordered by mkldnn::_reorder_linear_weight.
+at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("mkldnn::_linear_pointwise", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, c10::string_view,
+                            c10::List<std::optional<at::Scalar>>, std::optional<c10::string_view>)>();
+  return op.call(x, weight, bias, "none", c10::List<std::optional<at::Scalar>>(), std::nullopt);
+}
+
+}  // namespace
+
+DecoderStack::DecoderStack(std::vector<at::Tensor> weights, at::Tensor final_norm, int64_t num_heads,
+                           int64_t num_kv_heads, int64_t head_dim, double eps, bool packed)
+    : final_norm_(std::move(final_norm)), num_heads_(num_heads), num_kv_heads_(num_kv_heads), head_dim_(head_dim),
+      eps_(eps), scale_(1.0 / std::sqrt(static_cast<double>(head_dim))), packed_(packed) {
+  TORCH_CHECK(weights.size() % kWeightsPerLayer == 0, "expected ", kWeightsPerLayer, " weights per layer");
+  for (size_t i = 0; i < weights.size(); i += kWeightsPerLayer) {
+    layers_.push_back({weights[i], weights[i + 1], weights[i + 2], weights[i + 3], weights[i + 4], weights[i + 5],
+                       weights[i + 6], weights[i + 7]});
+  }
+}
+
+at::Tensor DecoderStack::linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) const {
+  return packed_ ? packed_linear(x, weight, bias_or_none(bias)) : at::linear(x, weight, bias_or_none(bias));
+}
+
+at::Tensor DecoderStack::attention(const at::Tensor& normed, const LayerWeights& layer, const at::Tensor& cos,
+                                   const at::Tensor& sin, at::Tensor& k_cache, at::Tensor& v_cache,
+                                   const at::Tensor& slot_mapping, const at::Tensor& block_tables,
+                                   const at::Tensor& context_lens, const at::Tensor& query_start_loc) const {
+  const int64_t tokens = normed.size(0);
+  const int64_t q_size = num_heads_ * head_dim_, kv_size = num_kv_heads_ * head_dim_;
+  at::Tensor qkv = linear(normed, layer.qkv, layer.qkv_bias);
+  at::Tensor query_key = qkv.narrow(1, 0, q_size + kv_size).view({tokens, num_heads_ + num_kv_heads_, head_dim_});
+  rotary_(query_key, cos, sin);
+  at::Tensor q = qkv.narrow(1, 0, q_size).view({tokens, num_heads_, head_dim_});
+  at::Tensor k = qkv.narrow(1, q_size, kv_size).view({tokens, num_kv_heads_, head_dim_});
+  at::Tensor v = qkv.narrow(1, q_size + kv_size, kv_size).view({tokens, num_kv_heads_, head_dim_});
+  write_kv_cache(k, v, k_cache, v_cache, slot_mapping);
+  at::Tensor out = at::empty({tokens, num_heads_, head_dim_}, qkv.options());
+  paged_attention(q, k_cache, v_cache, block_tables, context_lens, query_start_loc, scale_, out);
+  return linear(out.view({tokens, q_size}), layer.o, layer.o_bias);
+}
+
+at::Tensor DecoderStack::forward(at::Tensor hidden, at::Tensor cos, at::Tensor sin, std::vector<at::Tensor> k_caches,
+                                 std::vector<at::Tensor> v_caches, at::Tensor slot_mapping, at::Tensor block_tables,
+                                 at::Tensor context_lens, at::Tensor query_start_loc) const {
+  TORCH_CHECK(k_caches.size() == layers_.size() && v_caches.size() == layers_.size(), "one KV cache per layer");
+  at::Tensor residual, normed;
+  for (size_t i = 0; i < layers_.size(); ++i) {
+    const LayerWeights& layer = layers_[i];
+    std::tie(normed, residual) = rms_norm(hidden, residual, layer.input_norm, eps_);
+    hidden = attention(normed, layer, cos, sin, k_caches[i], v_caches[i], slot_mapping, block_tables, context_lens,
+                       query_start_loc);
+    std::tie(normed, residual) = rms_norm(hidden, residual, layer.post_norm, eps_);
+    hidden = linear(silu_and_mul(linear(normed, layer.gate_up, {})), layer.down, {});
+  }
+  return std::get<0>(rms_norm(hidden, residual, final_norm_, eps_));
+}
+
+}  // namespace pagedserve

@@ -1,0 +1,44 @@
+// Every decoder layer of a Llama-family model in one native call: the step's Python work is the embedding
+// before it and the LM head after it.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <torch/custom_class.h>
+
+#include <vector>
+
+namespace pagedserve {
+
+struct LayerWeights {
+  at::Tensor input_norm, qkv, qkv_bias, o, o_bias, post_norm, gate_up, down;
+};
+
+class DecoderStack : public torch::CustomClassHolder {
+ public:
+  static constexpr int64_t kWeightsPerLayer = 8;
+
+  // `weights`: per layer input_norm, qkv, qkv_bias, o, o_bias, post_norm, gate_up, down (an empty tensor for a
+  // missing bias). `packed`: the matmul weights are in oneDNN's blocked layout (PackableMatmul.pack).
+  DecoderStack(std::vector<at::Tensor> weights, at::Tensor final_norm, int64_t num_heads, int64_t num_kv_heads,
+               int64_t head_dim, double eps, bool packed);
+
+  // The hidden states after the final norm, for the step's tokens [T, H] embedded; cos, sin [T, D].
+  at::Tensor forward(at::Tensor hidden, at::Tensor cos, at::Tensor sin, std::vector<at::Tensor> k_caches,
+                     std::vector<at::Tensor> v_caches, at::Tensor slot_mapping, at::Tensor block_tables,
+                     at::Tensor context_lens, at::Tensor query_start_loc) const;
+
+ private:
+  at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) const;
+  at::Tensor attention(const at::Tensor& normed, const LayerWeights& layer, const at::Tensor& cos,
+                       const at::Tensor& sin, at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& slot_mapping,
+                       const at::Tensor& block_tables, const at::Tensor& context_lens,
+                       const at::Tensor& query_start_loc) const;
+
+  std::vector<LayerWeights> layers_;
+  at::Tensor final_norm_;
+  int64_t num_heads_, num_kv_heads_, head_dim_;
+  double eps_, scale_;
+  bool packed_;
+};
+
+}  // namespace pagedserve

@@ -1,0 +1,32 @@
+// The native CPU kernels, callable from C++ (the decoder stack) and registered as torch.ops.pagedserve.*.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <tuple>
+
+namespace pagedserve {
+
+// Scatters k and v [T, Hkv, D] (rows may be strided) into caches [blocks, block_size, Hkv, D] at flat
+// slots [T]; a negative slot is skipped.
+void write_kv_cache(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
+                    const at::Tensor& slot_mapping);
+
+// Causal attention of q [T, Hq, D] (rows may be strided) over each sequence's context in the paged cache.
+// Sequence i owns q rows [query_start_loc[i], query_start_loc[i + 1]): the last of its context_lens[i] positions.
+// Writes out [T, Hq, D], contiguous.
+void paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                     const at::Tensor& block_tables, const at::Tensor& context_lens, const at::Tensor& query_start_loc,
+                     double scale, at::Tensor& out);
+
+// (weight * rms_norm(x + residual), x + residual); with no residual, (weight * rms_norm(x), x).
+std::tuple<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x, const std::optional<at::Tensor>& residual,
+                                            const at::Tensor& weight, double eps);
+
+// Rotates x [T, heads, D] (half-split layout) in place by cos, sin [T, D].
+void rotary_(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
+
+// silu(gate) * up of a stacked [T, 2 * I] projection -> [T, I].
+at::Tensor silu_and_mul(const at::Tensor& gate_up);
+
+}  // namespace pagedserve

@@ -1,0 +1,328 @@
+// Paged attention on the CPU: the KV-cache write, and causal attention of query rows over their sequences'
+// cached context, for decodes (one query row) and prefill chunks alike.
+//
+// Work is split into tasks of (sequence, KV head, query tile, key range). A task reads each KV tile once for
+// all query heads of its group and keeps an online softmax in float32. Decodes with a long context are split
+// over their keys; the partial results are merged by log-sum-exp afterwards.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "kernels.h"
+#include "vec_utils.h"
+
+namespace pagedserve {
+namespace {
+
+constexpr int64_t kQueryTile = 16;     // query positions per prefill task
+constexpr int64_t kDecodeSplit = 512;  // context tokens per decode task; longer decodes are split and merged
+
+struct Task {
+  int64_t seq;
+  int64_t kv_head;
+  int64_t query_begin;  // q rows [query_begin, query_end)
+  int64_t query_end;
+  int64_t key_begin;  // context positions [key_begin, key_end); the last query row sees up to key_end
+  int64_t key_end;
+  int64_t partial;  // index into the partial results, or -1 when the task writes the output itself
+};
+
+struct SplitDecode {
+  int64_t seq;
+  int64_t kv_head;
+  int64_t first_partial;
+  int64_t num_partials;
+};
+
+struct Layout {
+  int64_t num_heads, num_kv_heads, head_dim, group, block_size;
+  int64_t q_row_stride, cache_token_stride, cache_block_stride;
+  float scale;
+};
+
+struct Plan {
+  std::vector<Task> tasks;
+  std::vector<SplitDecode> splits;
+  int64_t num_partials = 0;
+};
+
+Plan plan_tasks(const at::Tensor& context_lens, const at::Tensor& query_start_loc, int64_t num_kv_heads) {
+  Plan plan;
+  const auto* starts = query_start_loc.data_ptr<int64_t>();
+  const auto* lens = context_lens.data_ptr<int64_t>();
+  for (int64_t seq = 0; seq < context_lens.numel(); ++seq) {
+    const int64_t query_len = starts[seq + 1] - starts[seq];
+    const int64_t first_key_end = lens[seq] - query_len + 1;
+    for (int64_t head = 0; head < num_kv_heads; ++head) {
+      if (query_len == 1 && lens[seq] > kDecodeSplit) {
+        plan.splits.push_back({seq, head, plan.num_partials, 0});
+        for (int64_t key = 0; key < lens[seq]; key += kDecodeSplit) {
+          plan.tasks.push_back({seq, head, starts[seq], starts[seq] + 1, key, std::min(key + kDecodeSplit, lens[seq]),
+                                plan.num_partials++});
+          ++plan.splits.back().num_partials;
+        }
+        continue;
+      }
+      for (int64_t begin = starts[seq]; begin < starts[seq + 1]; begin += kQueryTile) {
+        const int64_t end = std::min(begin + kQueryTile, starts[seq + 1]);
+        plan.tasks.push_back({seq, head, begin, end, 0, first_key_end + (end - 1 - starts[seq]), -1});
+      }
+    }
+  }
+  return plan;
+}
+
+// Float scratch of one task: scaled queries, accumulators, running max and sum, and one KV tile.
+struct Scratch {
+  std::vector<float> query, acc, max, sum, scores, keys, values;
+  Scratch(int64_t rows, const Layout& layout)
+      : query(rows * layout.head_dim), acc(rows * layout.head_dim), max(rows), sum(rows), scores(layout.block_size),
+        keys(layout.block_size * layout.head_dim), values(layout.block_size * layout.head_dim) {}
+};
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  Vec total(0.f);
+  for (int64_t d = 0; d < n; d += kVecSize) {
+    const int64_t width = std::min(kVecSize, n - d);
+    total = at::vec::fmadd(load_float(a + d, width), load_float(b + d, width), total);
+  }
+  return total.reduce_add();
+}
+
+// acc = acc * correction + sum_j p[j] * values[j]
+inline void accumulate(float* acc, float correction, const float* p, const float* values, int64_t n, int64_t dim) {
+  for (int64_t d = 0; d < dim; d += kVecSize) {
+    const int64_t width = std::min(kVecSize, dim - d);
+    Vec total = load_float(acc + d, width) * Vec(correction);
+    for (int64_t j = 0; j < n; ++j) total = at::vec::fmadd(Vec(p[j]), load_float(values + j * dim + d, width), total);
+    store_float(acc + d, total, width);
+  }
+}
+
+template <typename scalar_t>
+void to_float(const scalar_t* src, float* dst, int64_t n) {
+  for (int64_t d = 0; d < n; d += kVecSize) {
+    const int64_t width = std::min(kVecSize, n - d);
+    store_float(dst + d, load_float(src + d, width), width);
+  }
+}
+
+// One online-softmax update of a query row with the scores of n keys.
+inline void softmax_update(Scratch& s, int64_t row, int64_t n, int64_t dim) {
+  float* scores = s.scores.data();
+  float tile_max = *std::max_element(scores, scores + n);
+  const float new_max = std::max(s.max[row], tile_max);
+  const float correction = std::exp(s.max[row] - new_max);
+  float tile_sum = 0.f;
+  for (int64_t j = 0; j < n; j += kVecSize) {
+    const int64_t width = std::min(kVecSize, n - j);
+    Vec p = (Vec::loadu(scores + j, width) - Vec(new_max)).exp_u20();
+    p.store(scores + j, width);
+    alignas(64) float lanes[kVecSize];
+    p.store(lanes);
+    for (int64_t i = 0; i < width; ++i) tile_sum += lanes[i];
+  }
+  s.max[row] = new_max;
+  s.sum[row] = s.sum[row] * correction + tile_sum;
+  accumulate(s.acc.data() + row * dim, correction, scores, s.values.data(), n, dim);
+}
+
+template <typename scalar_t>
+void load_queries(const scalar_t* q, const Task& task, const Layout& layout, Scratch& s) {
+  const int64_t dim = layout.head_dim;
+  for (int64_t pos = task.query_begin; pos < task.query_end; ++pos) {
+    for (int64_t g = 0; g < layout.group; ++g) {
+      const int64_t row = (pos - task.query_begin) * layout.group + g;
+      const scalar_t* src = q + pos * layout.q_row_stride + (task.kv_head * layout.group + g) * dim;
+      for (int64_t d = 0; d < dim; ++d) s.query[row * dim + d] = static_cast<float>(src[d]) * layout.scale;
+    }
+  }
+  std::fill(s.acc.begin(), s.acc.end(), 0.f);
+  std::fill(s.max.begin(), s.max.end(), -std::numeric_limits<float>::infinity());
+  std::fill(s.sum.begin(), s.sum.end(), 0.f);
+}
+
+// Keys [first, first + n) of one cache block, converted to float.
+template <typename scalar_t>
+void load_kv_tile(const scalar_t* k_cache, const scalar_t* v_cache, int64_t block, int64_t first, int64_t n,
+                  int64_t kv_head, const Layout& layout, Scratch& s) {
+  const int64_t dim = layout.head_dim;
+  const int64_t offset = block * layout.cache_block_stride + kv_head * dim;
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t token = offset + (first + j) * layout.cache_token_stride;
+    to_float(k_cache + token, s.keys.data() + j * dim, dim);
+    to_float(v_cache + token, s.values.data() + j * dim, dim);
+  }
+}
+
+template <typename scalar_t>
+void attend_tile(Scratch& s, const Task& task, const Layout& layout, int64_t key, int64_t n) {
+  const int64_t dim = layout.head_dim;
+  const int64_t num_positions = task.query_end - task.query_begin;
+  for (int64_t pos = 0; pos < num_positions; ++pos) {
+    const int64_t visible = std::min(n, task.key_end - (num_positions - 1 - pos) - key);
+    if (visible <= 0) continue;
+    for (int64_t g = 0; g < layout.group; ++g) {
+      const int64_t row = pos * layout.group + g;
+      for (int64_t j = 0; j < visible; ++j) s.scores[j] = dot(s.query.data() + row * dim, s.keys.data() + j * dim, dim);
+      softmax_update(s, row, visible, dim);
+    }
+  }
+}
+
+template <typename scalar_t>
+void run_task(const Task& task, const Layout& layout, const scalar_t* q, const scalar_t* k_cache,
+              const scalar_t* v_cache, const int64_t* block_table, Scratch& s) {
+  load_queries(q, task, layout, s);
+  for (int64_t key = task.key_begin; key < task.key_end;) {
+    const int64_t first = key % layout.block_size;
+    const int64_t n = std::min(layout.block_size - first, task.key_end - key);
+    load_kv_tile(k_cache, v_cache, block_table[key / layout.block_size], first, n, task.kv_head, layout, s);
+    attend_tile<scalar_t>(s, task, layout, key, n);
+    key += n;
+  }
+}
+
+template <typename scalar_t>
+void write_rows(const Task& task, const Layout& layout, const Scratch& s, scalar_t* out) {
+  const int64_t dim = layout.head_dim;
+  for (int64_t pos = task.query_begin; pos < task.query_end; ++pos) {
+    for (int64_t g = 0; g < layout.group; ++g) {
+      const int64_t row = (pos - task.query_begin) * layout.group + g;
+      scalar_t* dst = out + (pos * layout.num_heads + task.kv_head * layout.group + g) * dim;
+      const float inverse = 1.f / s.sum[row];
+      for (int64_t d = 0; d < dim; ++d) dst[d] = static_cast<scalar_t>(s.acc[row * dim + d] * inverse);
+    }
+  }
+}
+
+// Partial results of split decodes: accumulators [partials, group, D], maxima and sums [partials, group].
+struct Partials {
+  std::vector<float> acc, max, sum;
+  Partials(int64_t count, const Layout& layout)
+      : acc(count * layout.group * layout.head_dim), max(count * layout.group), sum(count * layout.group) {}
+
+  void save(int64_t index, const Scratch& s, const Layout& layout) {
+    std::copy(s.acc.begin(), s.acc.end(), acc.begin() + index * layout.group * layout.head_dim);
+    std::copy(s.max.begin(), s.max.end(), max.begin() + index * layout.group);
+    std::copy(s.sum.begin(), s.sum.end(), sum.begin() + index * layout.group);
+  }
+};
+
+template <typename scalar_t>
+void merge_split(const SplitDecode& split, const Partials& partials, const Layout& layout, int64_t row_of_seq,
+                 scalar_t* out) {
+  const int64_t dim = layout.head_dim;
+  std::vector<float> merged(dim);
+  for (int64_t g = 0; g < layout.group; ++g) {
+    float top = -std::numeric_limits<float>::infinity();
+    for (int64_t i = 0; i < split.num_partials; ++i) top = std::max(top, partials.max[(split.first_partial + i) * layout.group + g]);
+    float total = 0.f;
+    std::fill(merged.begin(), merged.end(), 0.f);
+    for (int64_t i = 0; i < split.num_partials; ++i) {
+      const int64_t at = (split.first_partial + i) * layout.group + g;
+      const float weight = std::exp(partials.max[at] - top);
+      total += partials.sum[at] * weight;
+      for (int64_t d = 0; d < dim; ++d) merged[d] += partials.acc[at * dim + d] * weight;
+    }
+    scalar_t* dst = out + (row_of_seq * layout.num_heads + split.kv_head * layout.group + g) * dim;
+    for (int64_t d = 0; d < dim; ++d) dst[d] = static_cast<scalar_t>(merged[d] / total);
+  }
+}
+
+template <typename scalar_t>
+void run_plan(const Plan& plan, const Layout& layout, const at::Tensor& q, const at::Tensor& k_cache,
+              const at::Tensor& v_cache, const at::Tensor& block_tables, const at::Tensor& query_start_loc,
+              at::Tensor& out) {
+  const auto* q_ptr = q.data_ptr<scalar_t>();
+  const auto* k_ptr = k_cache.data_ptr<scalar_t>();
+  const auto* v_ptr = v_cache.data_ptr<scalar_t>();
+  const auto* tables = block_tables.data_ptr<int64_t>();
+  const int64_t table_width = block_tables.size(1);
+  auto* out_ptr = out.data_ptr<scalar_t>();
+  Partials partials(plan.num_partials, layout);
+  at::parallel_for(0, static_cast<int64_t>(plan.tasks.size()), 1, [&](int64_t begin, int64_t end) {
+    Scratch scratch(kQueryTile * layout.group, layout);
+    for (int64_t i = begin; i < end; ++i) {
+      const Task& task = plan.tasks[i];
+      const int64_t rows = (task.query_end - task.query_begin) * layout.group;
+      scratch.acc.resize(rows * layout.head_dim);
+      scratch.max.resize(rows);
+      scratch.sum.resize(rows);
+      run_task(task, layout, q_ptr, k_ptr, v_ptr, tables + task.seq * table_width, scratch);
+      if (task.partial < 0) {
+        write_rows(task, layout, scratch, out_ptr);
+      } else {
+        partials.save(task.partial, scratch, layout);
+      }
+    }
+  });
+  const auto* starts = query_start_loc.data_ptr<int64_t>();
+  at::parallel_for(0, static_cast<int64_t>(plan.splits.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) merge_split(plan.splits[i], partials, layout, starts[plan.splits[i].seq], out_ptr);
+  });
+}
+
+void check_rows(const at::Tensor& x, const char* name) {
+  TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1 && x.stride(1) == x.size(2),
+              name, " must be [T, heads, D] with contiguous heads");
+}
+
+void check_metadata(const at::Tensor& block_tables, const at::Tensor& context_lens,
+                    const at::Tensor& query_start_loc) {
+  for (const at::Tensor* t : {&block_tables, &context_lens, &query_start_loc}) {
+    TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous(), "attention metadata must be contiguous int64");
+  }
+  TORCH_CHECK(query_start_loc.numel() == context_lens.numel() + 1, "query_start_loc needs one entry per sequence + 1");
+}
+
+}  // namespace
+
+void write_kv_cache(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
+                    const at::Tensor& slot_mapping) {
+  check_rows(k, "k");
+  check_rows(v, "v");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
+  TORCH_CHECK(k.scalar_type() == k_cache.scalar_type() && v.scalar_type() == v_cache.scalar_type(),
+              "k, v and the caches must share a dtype");
+  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.numel() == k.size(0), "one int64 slot per token");
+  const int64_t row = k.size(1) * k.size(2);
+  const int64_t element = k.element_size();
+  const auto* slots = slot_mapping.contiguous().data_ptr<int64_t>();
+  auto* k_dst = static_cast<char*>(k_cache.data_ptr());
+  auto* v_dst = static_cast<char*>(v_cache.data_ptr());
+  for (int64_t t = 0; t < k.size(0); ++t) {
+    if (slots[t] < 0) continue;
+    std::memcpy(k_dst + slots[t] * row * element, static_cast<const char*>(k.data_ptr()) + t * k.stride(0) * element,
+                row * element);
+    std::memcpy(v_dst + slots[t] * row * element, static_cast<const char*>(v.data_ptr()) + t * v.stride(0) * element,
+                row * element);
+  }
+}
+
+void paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                     const at::Tensor& block_tables, const at::Tensor& context_lens, const at::Tensor& query_start_loc,
+                     double scale, at::Tensor& out) {
+  check_rows(q, "q");
+  check_metadata(block_tables, context_lens, query_start_loc);
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
+                  k_cache.sizes() == v_cache.sizes(), "caches must be contiguous [blocks, block_size, Hkv, D]");
+  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type(), "q and the caches must share a dtype");
+  const int64_t num_kv_heads = k_cache.size(2);
+  TORCH_CHECK(q.size(1) % num_kv_heads == 0 && q.size(2) == k_cache.size(3), "q heads do not match the cache");
+  const Layout layout{q.size(1), num_kv_heads, q.size(2), q.size(1) / num_kv_heads, k_cache.size(1), q.stride(0),
+                      num_kv_heads * q.size(2), k_cache.size(1) * num_kv_heads * q.size(2), static_cast<float>(scale)};
+  TORCH_CHECK(out.is_contiguous() && out.sizes() == q.sizes() && out.scalar_type() == q.scalar_type(),
+              "out must be a contiguous tensor shaped like q");
+  const Plan plan = plan_tasks(context_lens, query_start_loc, num_kv_heads);
+  PAGEDSERVE_DISPATCH(q.scalar_type(), "paged_attention", [&] {
+    run_plan<scalar_t>(plan, layout, q, k_cache, v_cache, block_tables, query_start_loc, out);
+  });
+}
+
+}  // namespace pagedserve

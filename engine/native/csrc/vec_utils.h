@@ -1,0 +1,48 @@
+// Loads and stores between float vectors and the cache/activation dtypes (float32, bfloat16).
+#pragma once
+
+#include <ATen/Dispatch.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+
+namespace pagedserve {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kVecSize = Vec::size();
+
+// `n` (at most kVecSize) elements of `p` as floats; the lanes past `n` are zero.
+inline Vec load_float(const float* p, int64_t n = kVecSize) {
+  return n == kVecSize ? Vec::loadu(p) : Vec::loadu(p, n);
+}
+
+inline Vec load_float(const c10::BFloat16* p, int64_t n = kVecSize) {
+  if (n == kVecSize) {
+    Vec out;
+    at::vec::load_to_float(p, out);
+    return out;
+  }
+  alignas(64) float buffer[kVecSize] = {};
+  for (int64_t i = 0; i < n; ++i) buffer[i] = static_cast<float>(p[i]);
+  return Vec::loadu(buffer);
+}
+
+inline void store_float(float* p, const Vec& v, int64_t n = kVecSize) { v.store(p, n); }
+
+inline void store_float(c10::BFloat16* p, const Vec& v, int64_t n = kVecSize) {
+  alignas(64) float buffer[kVecSize];
+  v.store(buffer);
+  for (int64_t i = 0; i < n; ++i) p[i] = static_cast<c10::BFloat16>(buffer[i]);
+}
+
+// Rounds a float to `scalar_t` and back: the rounding PyTorch applies after each op in that dtype.
+template <typename scalar_t>
+inline float round_to(float x) {
+  return static_cast<float>(static_cast<scalar_t>(x));
+}
+
+}  // namespace pagedserve
+
+// Runs the body with scalar_t bound to float or c10::BFloat16, the dtypes the native kernels take.
+#define PAGEDSERVE_DISPATCH(TYPE, NAME, ...) \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))

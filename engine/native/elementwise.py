@@ -1,0 +1,27 @@
+"""The native fused elementwise ops behind the signatures of their PyTorch references (KernelBackend)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from engine.layers.rotary import Angles
+
+
+def rms_norm(
+    x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight * rms_norm(x + residual), x + residual), as engine.layers.norm.rms_norm."""
+    return torch.ops.pagedserve.rms_norm(x.contiguous(), residual, weight, eps)
+
+
+def apply_rotary(x: torch.Tensor, angles: Angles) -> torch.Tensor:
+    """A rotated copy of x [T, heads, D], as engine.layers.rotary.apply_rotary."""
+    rotated = x.clone(memory_format=torch.contiguous_format)
+    cos, sin = angles
+    torch.ops.pagedserve.rotary_(rotated, cos.contiguous(), sin.contiguous())
+    return rotated
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    return torch.ops.pagedserve.silu_and_mul(gate_up.contiguous())
