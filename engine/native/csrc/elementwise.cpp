@@ -2,7 +2,9 @@
 // Each op rounds to the activation dtype where the PyTorch reference does, so both paths agree bit for bit
 // up to the order of float sums.
 #include <ATen/Parallel.h>
+#include <ATen/record_function.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include "kernels.h"
@@ -16,17 +18,20 @@ constexpr int64_t kRowsPerTask = 16;
 template <typename scalar_t>
 void rms_norm_row(const scalar_t* x, const scalar_t* residual, const scalar_t* weight, scalar_t* out,
                   scalar_t* sum_out, int64_t hidden, float eps) {
-  float squares = 0.f;
-  for (int64_t i = 0; i < hidden; ++i) {
-    const float value = residual ? round_to<scalar_t>(static_cast<float>(x[i]) + static_cast<float>(residual[i]))
-                                 : static_cast<float>(x[i]);
-    sum_out[i] = static_cast<scalar_t>(value);
-    squares += value * value;
+  Vec squares(0.f);
+  for (int64_t i = 0; i < hidden; i += kVecSize) {
+    const int64_t width = std::min(kVecSize, hidden - i);
+    Vec value = load_float(x + i, width);
+    if (residual) value = value + load_float(residual + i, width);
+    store_float(sum_out + i, value, width);
+    value = load_float(sum_out + i, width);  // rounded to scalar_t, as the reference's add is
+    squares = at::vec::fmadd(value, value, squares);
   }
-  const float inverse_rms = 1.f / std::sqrt(squares / hidden + eps);
-  for (int64_t i = 0; i < hidden; ++i) {
-    const float normed = round_to<scalar_t>(static_cast<float>(sum_out[i]) * inverse_rms);
-    out[i] = static_cast<scalar_t>(static_cast<float>(weight[i]) * normed);
+  const Vec inverse_rms(1.f / std::sqrt(squares.reduce_add() / hidden + eps));
+  for (int64_t i = 0; i < hidden; i += kVecSize) {
+    const int64_t width = std::min(kVecSize, hidden - i);
+    store_float(out + i, load_float(sum_out + i, width) * inverse_rms, width);
+    store_float(out + i, load_float(weight + i, width) * load_float(out + i, width), width);
   }
 }
 
@@ -44,9 +49,13 @@ void rotate_row(scalar_t* x, const scalar_t* cos, const scalar_t* sin, int64_t h
 
 template <typename scalar_t>
 void silu_and_mul_row(const scalar_t* gate, const scalar_t* up, scalar_t* out, int64_t size) {
-  for (int64_t i = 0; i < size; ++i) {
-    const float g = static_cast<float>(gate[i]);
-    out[i] = static_cast<scalar_t>(round_to<scalar_t>(g / (1.f + std::exp(-g))) * static_cast<float>(up[i]));
+  alignas(64) float silu[kVecSize];
+  for (int64_t i = 0; i < size; i += kVecSize) {
+    const int64_t width = std::min(kVecSize, size - i);
+    const Vec g = load_float(gate + i, width);
+    (g / (Vec(1.f) + g.neg().exp_u20())).store(silu);
+    for (int64_t j = 0; j < width; ++j) silu[j] = round_to<scalar_t>(silu[j]);
+    store_float(out + i, Vec::loadu(silu) * load_float(up + i, width), width);
   }
 }
 
@@ -54,6 +63,7 @@ void silu_and_mul_row(const scalar_t* gate, const scalar_t* up, scalar_t* out, i
 
 std::tuple<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x, const std::optional<at::Tensor>& residual,
                                             const at::Tensor& weight, double eps) {
+  RECORD_FUNCTION("pagedserve::rms_norm", c10::ArrayRef<const c10::IValue>{});
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && weight.is_contiguous() && weight.numel() == x.size(1),
               "rms_norm takes contiguous x [T, H] and weight [H]");
   const bool has_residual = residual.has_value() && residual->defined();
@@ -77,6 +87,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x, const std::opti
 }
 
 void rotary_(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  RECORD_FUNCTION("pagedserve::rotary_", c10::ArrayRef<const c10::IValue>{});
   TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1 && x.stride(1) == x.size(2), "x must be [T, heads, D], heads contiguous");
   TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.numel() == x.size(0) * x.size(2) &&
                   sin.numel() == cos.numel(), "cos and sin must be contiguous [T, D]");
@@ -95,6 +106,7 @@ void rotary_(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
 }
 
 at::Tensor silu_and_mul(const at::Tensor& gate_up) {
+  RECORD_FUNCTION("pagedserve::silu_and_mul", c10::ArrayRef<const c10::IValue>{});
   TORCH_CHECK(gate_up.dim() == 2 && gate_up.is_contiguous() && gate_up.size(1) % 2 == 0,
               "silu_and_mul takes a contiguous [T, 2 * I] tensor");
   const int64_t size = gate_up.size(1) / 2;

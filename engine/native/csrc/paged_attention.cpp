@@ -5,6 +5,7 @@
 // all query heads of its group and keeps an online softmax in float32. Decodes with a long context are split
 // over their keys; the partial results are merged by log-sum-exp afterwards.
 #include <ATen/Parallel.h>
+#include <ATen/record_function.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -21,6 +22,8 @@ namespace {
 
 constexpr int64_t kQueryTile = 16;     // query positions per prefill task
 constexpr int64_t kDecodeSplit = 512;  // context tokens per decode task; longer decodes are split and merged
+
+inline int64_t round_up(int64_t n, int64_t multiple) { return (n + multiple - 1) / multiple * multiple; }
 
 struct Task {
   int64_t seq;
@@ -81,8 +84,8 @@ Plan plan_tasks(const at::Tensor& context_lens, const at::Tensor& query_start_lo
 struct Scratch {
   std::vector<float> query, acc, max, sum, scores, keys, values;
   Scratch(int64_t rows, const Layout& layout)
-      : query(rows * layout.head_dim), acc(rows * layout.head_dim), max(rows), sum(rows), scores(layout.block_size),
-        keys(layout.block_size * layout.head_dim), values(layout.block_size * layout.head_dim) {}
+      : query(rows * layout.head_dim), acc(rows * layout.head_dim), max(rows), sum(rows), scores(round_up(layout.block_size, kVecSize)),
+        keys(round_up(layout.block_size, kVecSize) * layout.head_dim), values(layout.block_size * layout.head_dim) {}
 };
 
 inline float dot(const float* a, const float* b, int64_t n) {
@@ -94,41 +97,96 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return total.reduce_add();
 }
 
-// acc = acc * correction + sum_j p[j] * values[j]
+#if defined(CPU_CAPABILITY_AVX512)
+// The sums of 16 vectors' lanes as one vector: lane j holds the sum of v[j].
+inline __m512 lane_sums(const __m512* v) {
+  __m512 pairs[8], quads[4];
+  for (int i = 0; i < 8; ++i) {
+    pairs[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  }
+  for (int i = 0; i < 4; ++i) {
+    const __m512d a = _mm512_castps_pd(pairs[2 * i]), b = _mm512_castps_pd(pairs[2 * i + 1]);
+    quads[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  const __m512 low = _mm512_add_ps(_mm512_shuffle_f32x4(quads[0], quads[1], 0x44),
+                                   _mm512_shuffle_f32x4(quads[0], quads[1], 0xEE));
+  const __m512 high = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2], quads[3], 0x44),
+                                    _mm512_shuffle_f32x4(quads[2], quads[3], 0xEE));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(low, high, 0x88), _mm512_shuffle_f32x4(low, high, 0xDD));
+}
+#endif
+
+// scores[j] = query . keys[j] for j < n; `keys` holds whole groups of 16 rows and `scores` whole vectors.
+inline void tile_scores(const float* query, const float* keys, int64_t n, int64_t dim, float* scores) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if (dim % 16 == 0) {
+    for (int64_t first = 0; first < n; first += 16) {
+      __m512 partial[16];
+      for (int64_t j = 0; j < 16; ++j) {
+        __m512 total = _mm512_setzero_ps();
+        for (int64_t d = 0; first + j < n && d < dim; d += 16) {
+          total = _mm512_fmadd_ps(_mm512_loadu_ps(query + d), _mm512_loadu_ps(keys + (first + j) * dim + d), total);
+        }
+        partial[j] = total;
+      }
+      _mm512_storeu_ps(scores + first, lane_sums(partial));
+    }
+    return;
+  }
+#endif
+  for (int64_t j = 0; j < n; ++j) scores[j] = dot(query, keys + j * dim, dim);
+}
+
+// acc = acc * correction + sum_j p[j] * values[j] for rows of kVectors whole vectors: the accumulator stays in
+// registers and its vectors' FMA chains are independent.
+template <int64_t kVectors>
+inline void accumulate_rows(float* acc, float correction, const float* p, const float* values, int64_t n) {
+  Vec total[kVectors];
+  for (int64_t c = 0; c < kVectors; ++c) total[c] = Vec::loadu(acc + c * kVecSize) * Vec(correction);
+  for (int64_t j = 0; j < n; ++j) {
+    const Vec weight(p[j]);
+    for (int64_t c = 0; c < kVectors; ++c) {
+      total[c] = at::vec::fmadd(weight, Vec::loadu(values + (j * kVectors + c) * kVecSize), total[c]);
+    }
+  }
+  for (int64_t c = 0; c < kVectors; ++c) total[c].store(acc + c * kVecSize);
+}
+
 inline void accumulate(float* acc, float correction, const float* p, const float* values, int64_t n, int64_t dim) {
-  for (int64_t d = 0; d < dim; d += kVecSize) {
-    const int64_t width = std::min(kVecSize, dim - d);
-    Vec total = load_float(acc + d, width) * Vec(correction);
-    for (int64_t j = 0; j < n; ++j) total = at::vec::fmadd(Vec(p[j]), load_float(values + j * dim + d, width), total);
-    store_float(acc + d, total, width);
+  if (dim == 4 * kVecSize) return accumulate_rows<4>(acc, correction, p, values, n);
+  if (dim == 8 * kVecSize) return accumulate_rows<8>(acc, correction, p, values, n);
+  for (int64_t d = 0; d < dim; ++d) {
+    float total = acc[d] * correction;
+    for (int64_t j = 0; j < n; ++j) total += p[j] * values[j * dim + d];
+    acc[d] = total;
   }
 }
 
 template <typename scalar_t>
-void to_float(const scalar_t* src, float* dst, int64_t n) {
+inline void to_float(const scalar_t* src, float* dst, int64_t n) {
   for (int64_t d = 0; d < n; d += kVecSize) {
     const int64_t width = std::min(kVecSize, n - d);
     store_float(dst + d, load_float(src + d, width), width);
   }
 }
 
-// One online-softmax update of a query row with the scores of n keys.
+// One online-softmax update of a query row with the scores of n keys (the buffer is padded to whole vectors).
 inline void softmax_update(Scratch& s, int64_t row, int64_t n, int64_t dim) {
   float* scores = s.scores.data();
-  float tile_max = *std::max_element(scores, scores + n);
-  const float new_max = std::max(s.max[row], tile_max);
+  const int64_t padded = round_up(n, kVecSize);
+  std::fill(scores + n, scores + padded, -std::numeric_limits<float>::infinity());
+  Vec top(-std::numeric_limits<float>::infinity());
+  for (int64_t j = 0; j < padded; j += kVecSize) top = at::vec::maximum(top, Vec::loadu(scores + j));
+  const float new_max = std::max(s.max[row], top.reduce_max());
   const float correction = std::exp(s.max[row] - new_max);
-  float tile_sum = 0.f;
-  for (int64_t j = 0; j < n; j += kVecSize) {
-    const int64_t width = std::min(kVecSize, n - j);
-    Vec p = (Vec::loadu(scores + j, width) - Vec(new_max)).exp_u20();
-    p.store(scores + j, width);
-    alignas(64) float lanes[kVecSize];
-    p.store(lanes);
-    for (int64_t i = 0; i < width; ++i) tile_sum += lanes[i];
+  Vec tile_sum(0.f);
+  for (int64_t j = 0; j < padded; j += kVecSize) {
+    const Vec p = (Vec::loadu(scores + j) - Vec(new_max)).exp_u20();
+    p.store(scores + j);
+    tile_sum = tile_sum + p;
   }
   s.max[row] = new_max;
-  s.sum[row] = s.sum[row] * correction + tile_sum;
+  s.sum[row] = s.sum[row] * correction + tile_sum.reduce_add();
   accumulate(s.acc.data() + row * dim, correction, scores, s.values.data(), n, dim);
 }
 
@@ -169,7 +227,7 @@ void attend_tile(Scratch& s, const Task& task, const Layout& layout, int64_t key
     if (visible <= 0) continue;
     for (int64_t g = 0; g < layout.group; ++g) {
       const int64_t row = pos * layout.group + g;
-      for (int64_t j = 0; j < visible; ++j) s.scores[j] = dot(s.query.data() + row * dim, s.keys.data() + j * dim, dim);
+      tile_scores(s.query.data() + row * dim, s.keys.data(), visible, dim, s.scores.data());
       softmax_update(s, row, visible, dim);
     }
   }
@@ -285,6 +343,7 @@ void check_metadata(const at::Tensor& block_tables, const at::Tensor& context_le
 
 void write_kv_cache(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
                     const at::Tensor& slot_mapping) {
+  RECORD_FUNCTION("pagedserve::write_kv_cache", c10::ArrayRef<const c10::IValue>{});
   check_rows(k, "k");
   check_rows(v, "v");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
@@ -308,6 +367,7 @@ void write_kv_cache(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cach
 void paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                      const at::Tensor& block_tables, const at::Tensor& context_lens, const at::Tensor& query_start_loc,
                      double scale, at::Tensor& out) {
+  RECORD_FUNCTION("pagedserve::paged_attention", c10::ArrayRef<const c10::IValue>{});
   check_rows(q, "q");
   check_metadata(block_tables, context_lens, query_start_loc);
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous() &&

@@ -30,6 +30,10 @@ inline Vec load_float(const c10::BFloat16* p, int64_t n = kVecSize) {
 inline void store_float(float* p, const Vec& v, int64_t n = kVecSize) { v.store(p, n); }
 
 inline void store_float(c10::BFloat16* p, const Vec& v, int64_t n = kVecSize) {
+  if (n == kVecSize) {
+    at::vec::convert_from_float<c10::BFloat16>(v, v).store(p, n);
+    return;
+  }
   alignas(64) float buffer[kVecSize];
   v.store(buffer);
   for (int64_t i = 0; i < n; ++i) p[i] = static_cast<c10::BFloat16>(buffer[i]);
