@@ -146,3 +146,11 @@ def torchserve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedModel
     with torchserve_process(root, {"smollm2": folder.name}, token_auth=False, model_api=True) as server:
         server.wait_until_ready("smollm2", "1.0", STARTUP_TIMEOUT)
         yield ServedModel(server, "smollm2", "1.0")
+
+
+@pytest.fixture(scope="session")
+def native_kernels() -> None:
+    """The native CPU kernels, built once (or loaded from the on-disk cache) for the session."""
+    from engine.native.build import load_native
+
+    load_native()

@@ -9,7 +9,7 @@ import torch
 
 from engine.config import EngineConfig
 from engine.kernel_backend import select_backend
-from test_tensor_parallel import assert_same_generation, greedy_with_logprobs
+from generation_checks import assert_same_generation, greedy_with_logprobs
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a land far away, there lived"]
 # blocks of 8 and a 16-token step budget: prompts are chunked, steps mix decodes with prefill chunks

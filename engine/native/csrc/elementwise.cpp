@@ -27,7 +27,7 @@ void rms_norm_row(const scalar_t* x, const scalar_t* residual, const scalar_t* w
     value = load_float(sum_out + i, width);  // rounded to scalar_t, as the reference's add is
     squares = at::vec::fmadd(value, value, squares);
   }
-  const Vec inverse_rms(1.f / std::sqrt(squares.reduce_add() / hidden + eps));
+  const Vec inverse_rms(1.f / std::sqrt(lane_sum(squares) / hidden + eps));
   for (int64_t i = 0; i < hidden; i += kVecSize) {
     const int64_t width = std::min(kVecSize, hidden - i);
     store_float(out + i, load_float(sum_out + i, width) * inverse_rms, width);

@@ -94,7 +94,7 @@ inline float dot(const float* a, const float* b, int64_t n) {
     const int64_t width = std::min(kVecSize, n - d);
     total = at::vec::fmadd(load_float(a + d, width), load_float(b + d, width), total);
   }
-  return total.reduce_add();
+  return lane_sum(total);
 }
 
 #if defined(CPU_CAPABILITY_AVX512)
@@ -177,7 +177,7 @@ inline void softmax_update(Scratch& s, int64_t row, int64_t n, int64_t dim) {
   std::fill(scores + n, scores + padded, -std::numeric_limits<float>::infinity());
   Vec top(-std::numeric_limits<float>::infinity());
   for (int64_t j = 0; j < padded; j += kVecSize) top = at::vec::maximum(top, Vec::loadu(scores + j));
-  const float new_max = std::max(s.max[row], top.reduce_max());
+  const float new_max = std::max(s.max[row], lane_max(top));
   const float correction = std::exp(s.max[row] - new_max);
   Vec tile_sum(0.f);
   for (int64_t j = 0; j < padded; j += kVecSize) {
@@ -186,7 +186,7 @@ inline void softmax_update(Scratch& s, int64_t row, int64_t n, int64_t dim) {
     tile_sum = tile_sum + p;
   }
   s.max[row] = new_max;
-  s.sum[row] = s.sum[row] * correction + tile_sum.reduce_add();
+  s.sum[row] = s.sum[row] * correction + lane_sum(tile_sum);
   accumulate(s.acc.data() + row * dim, correction, scores, s.values.data(), n, dim);
 }
 

@@ -2,6 +2,9 @@
 #pragma once
 
 #include <ATen/Dispatch.h>
+
+#include <algorithm>
+
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
@@ -50,3 +53,31 @@ inline float round_to(float x) {
 // Runs the body with scalar_t bound to float or c10::BFloat16, the dtypes the native kernels take.
 #define PAGEDSERVE_DISPATCH(TYPE, NAME, ...) \
   AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+
+namespace pagedserve {
+
+// Sum and maximum of a vector's lanes (Vectorized::reduce_add and reduce_max do not compile for ATen's portable
+// vectors).
+inline float lane_sum(const Vec& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_reduce_add_ps(v);
+#else
+  alignas(64) float lanes[kVecSize];
+  v.store(lanes);
+  float total = 0.f;
+  for (int64_t i = 0; i < kVecSize; ++i) total += lanes[i];
+  return total;
+#endif
+}
+
+inline float lane_max(const Vec& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_reduce_max_ps(v);
+#else
+  alignas(64) float lanes[kVecSize];
+  v.store(lanes);
+  return *std::max_element(lanes, lanes + kVecSize);
+#endif
+}
+
+}  // namespace pagedserve
