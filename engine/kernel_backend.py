@@ -22,22 +22,27 @@ class KernelBackend:
     rms_norm: Callable[[torch.Tensor, Optional[torch.Tensor], torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]
     apply_rotary: Callable[[torch.Tensor, Angles], torch.Tensor]
     silu_and_mul: Callable[[torch.Tensor], torch.Tensor] = silu_and_mul
+    single_row_matmul: Optional[Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]] = None
 
 
 TORCH_BACKEND = KernelBackend("torch", torch_backend.paged_attention, rms_norm, apply_rotary)
 
 
-def select_backend(name: str, device: torch.device) -> KernelBackend:
-    """`auto` is Triton on CUDA, and on CPU the native kernels where they build (else PyTorch, with a warning);
-    Triton on CPU only under Triton's interpreter (for tests)."""
+NATIVE_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def select_backend(name: str, device: torch.device, dtype: torch.dtype = torch.float32) -> KernelBackend:
+    """`auto` is Triton on CUDA, and on CPU the native kernels where they build and take the dtype (else PyTorch;
+    a failed build logs why); Triton on CPU only under Triton's interpreter (for tests)."""
     if name == "auto" and device.type == "cuda":
         name = "triton"
     if name == "auto":
-        return _native_backend() if _native_error() is None else TORCH_BACKEND
+        native = dtype in NATIVE_DTYPES and _native_error() is None
+        return _native_backend() if native else TORCH_BACKEND
     if name == "torch":
         return TORCH_BACKEND
     if name == "native":
-        return _checked_native_backend(device)
+        return _checked_native_backend(device, dtype)
     if device.type != "cuda" and not _triton_interprets():
         raise ValueError(
             "attention_backend 'triton' needs a CUDA device (on CPU it runs only under TRITON_INTERPRET=1, "
@@ -46,9 +51,11 @@ def select_backend(name: str, device: torch.device) -> KernelBackend:
     return _triton_backend()
 
 
-def _checked_native_backend(device: torch.device) -> KernelBackend:
+def _checked_native_backend(device: torch.device, dtype: torch.dtype) -> KernelBackend:
     if device.type != "cpu":
         raise ValueError(f"attention_backend 'native' runs on the CPU only, not on {device.type}; use 'auto'")
+    if dtype not in NATIVE_DTYPES:
+        raise ValueError(f"attention_backend 'native' takes float32 or bfloat16, not {dtype}; use 'auto' or 'torch'")
     error = _native_error()
     if error is not None:
         raise ValueError(f"attention_backend 'native': the native CPU kernels did not build: {error}")
@@ -67,7 +74,7 @@ def _native_backend() -> KernelBackend:
 
     return KernelBackend(
         "native", native_backend.paged_attention, elementwise.rms_norm, elementwise.apply_rotary,
-        elementwise.silu_and_mul,
+        elementwise.silu_and_mul, elementwise.single_row_matmul,
     )
 
 

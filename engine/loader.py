@@ -69,9 +69,10 @@ def read_model_config(source: ModelSource) -> ModelConfig:
 
 def load_model(
     source: ModelSource, config: ModelConfig, dtype: torch.dtype, device: torch.device, max_position: int,
-    load_format: str = "auto", seed: int = 0, tp: Optional[TPGroup] = None,
+    load_format: str = "auto", seed: int = 0, tp: Optional[TPGroup] = None, keep_plain_weights: bool = False,
 ) -> LlamaForCausalLM:
-    """This rank's shard of the model with its weights (the whole model without `tp`)."""
+    """This rank's shard of the model with its weights (the whole model without `tp`). `keep_plain_weights`: keep
+    the row-major matmul weights beside the packed ones (for the native single-row matmul)."""
     with _default_dtype(dtype), torch.device(device):
         model = LlamaForCausalLM(config, max_position, tp or TPGroup())
     with torch.no_grad():
@@ -79,7 +80,7 @@ def load_model(
             _fill_random(model, seed)
         else:
             _load_checkpoint(model, source, config)
-        model.pack_weights()
+        model.pack_weights(keep_plain_weights)
     return model.eval()
 
 

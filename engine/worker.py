@@ -32,8 +32,11 @@ class Worker:
         device = rank_device(config.device, tp.rank)
         dtype = resolve_dtype(config.dtype, device)
         logger.info("rank %d: weights and KV cache in %s on %s (dtype %s)", tp.rank, dtype, device, config.dtype)
-        model = load_model(source, model_config, dtype, device, max_position, config.load_format, config.seed, tp)
-        backend = select_backend(config.attention_backend, device)
+        backend = select_backend(config.attention_backend, device, dtype)
+        model = load_model(
+            source, model_config, dtype, device, max_position, config.load_format, config.seed, tp,
+            keep_plain_weights=backend.single_row_matmul is not None,
+        )
         model.use_kernels(backend)
         logger.info("rank %d: %s kernels (attention_backend %s)", tp.rank, backend.name, config.attention_backend)
         if backend.name == "native" and tp.size == 1 and not config.enforce_eager:

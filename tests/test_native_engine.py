@@ -75,9 +75,12 @@ def test_a_failed_build_is_a_warning_that_says_why(monkeypatch: pytest.MonkeyPat
     assert "the PyTorch path runs instead" in caplog.text
 
 
-def test_native_runs_on_the_cpu_only() -> None:
+def test_native_runs_on_the_cpu_in_float32_and_bfloat16_only(native_kernels: None) -> None:
     with pytest.raises(ValueError, match="runs on the CPU only"):
         select_backend("native", torch.device("cuda"))
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        select_backend("native", torch.device("cpu"), torch.float16)
+    assert select_backend("auto", torch.device("cpu"), torch.float16).name == "torch"
 
 
 PORTABLE_CHECK = """

@@ -37,8 +37,7 @@ def test_tensor_parallel_ranks_run_the_kernels_on_their_head_shards(tiny_model, 
     assert_same_generation(greedy_with_logprobs(tp2, PROMPTS, 12), expected)
 
 
-def test_auto_picks_torch_on_cpu_and_triton_needs_cuda_or_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert select_backend("auto", torch.device("cpu")).name == "torch"
+def test_triton_needs_cuda_or_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
     assert select_backend("triton", torch.device("cpu")).name == "triton"  # TRITON_INTERPRET=1 in these tests
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="needs a CUDA device"):

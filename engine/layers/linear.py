@@ -6,7 +6,7 @@ ranks.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -19,10 +19,12 @@ from engine.layers.sharding import Partition
 class PackableMatmul(nn.Module):
     """`x @ weight.T + bias`. On CPU in bfloat16, `pack` reorders the weight once into oneDNN's blocked layout, so that
     no matmul pays for that reorder again (twice as fast for one-token steps, faster for batches too); results are
-    bit-identical to `F.linear`."""
+    bit-identical to `F.linear`. A `single_row_matmul` kernel (the native backend's), where set, takes one-row inputs
+    over the plain weight, if `pack` kept it."""
 
     weight: nn.Parameter
     packed_weight: Optional[torch.Tensor] = None
+    single_row_matmul: Optional[Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]] = None
 
     def pack(self, keep_plain_weight: bool = False) -> None:
         """Reorder the weight if the platform gains from it; the plain weight is freed unless another module shares it."""
@@ -33,6 +35,8 @@ class PackableMatmul(nn.Module):
             self.weight.data = self.weight.data.new_empty(0)
 
     def matmul(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.single_row_matmul is not None and x.shape[0] == 1 and self.weight.numel():
+            return self.single_row_matmul(x, self.weight, bias)
         if self.packed_weight is None:
             return F.linear(x, self.weight, bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, bias, "none", [], "")

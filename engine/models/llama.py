@@ -12,7 +12,7 @@ from engine.kernel_backend import KernelBackend
 from engine.layers.activation import SiluAndMul
 from engine.layers.attention import Attention
 from engine.layers.embedding import LMHead, VocabEmbedding
-from engine.layers.linear import ColumnParallelLinear, RowParallelLinear, check_shape
+from engine.layers.linear import ColumnParallelLinear, PackableMatmul, RowParallelLinear, check_shape
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import Angles, RotaryEmbedding, apply_rotary
 from engine.layers.sharding import kv_heads, split_evenly
@@ -120,12 +120,13 @@ class LlamaForCausalLM(nn.Module):
         """Logits on rank 0; None on the other ranks."""
         return self.lm_head(hidden)
 
-    def pack_weights(self) -> None:
-        """Reorder the matmul weights for the platform once loaded (see PackableMatmul)."""
+    def pack_weights(self, keep_plain_weights: bool = False) -> None:
+        """Reorder the matmul weights for the platform once loaded (see PackableMatmul), keeping the plain ones
+        too when asked."""
         for module in self.modules():
             if isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
-                module.pack()
-        self.lm_head.pack(keep_plain_weight=self.config.tie_word_embeddings)
+                module.pack(keep_plain_weight=keep_plain_weights)
+        self.lm_head.pack(keep_plain_weight=keep_plain_weights or self.config.tie_word_embeddings)
 
     def use_kernels(self, backend: KernelBackend) -> None:
         """Run attention, RMSNorm and rotary with `backend`'s kernels."""
@@ -138,6 +139,8 @@ class LlamaForCausalLM(nn.Module):
                 module.apply_rotary = backend.apply_rotary
             elif isinstance(module, SiluAndMul):
                 module.kernel = backend.silu_and_mul
+            if isinstance(module, PackableMatmul):
+                module.single_row_matmul = backend.single_row_matmul
 
     def use_native_stack(self) -> None:
         """Run every decoder layer of a step in one native call (CPU, one rank, after `pack_weights`)."""

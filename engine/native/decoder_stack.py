@@ -3,7 +3,7 @@ the residual add, QKV, rotary, KV-cache write, paged attention, O, SwiGLU MLP, l
 between the ops. One tensor-parallel rank only: the C++ loop does no all-reduce."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from engine.layers.linear import PackableMatmul
     from engine.models.config import ModelConfig
 
-NO_BIAS = torch.empty(0)
+NO_WEIGHT = torch.empty(0)
 
 
 class NativeDecoderStack:
@@ -23,16 +23,13 @@ class NativeDecoderStack:
         weights: list[torch.Tensor] = []
         for layer in layers:
             attention, mlp = layer.self_attn, layer.mlp
-            weights += [
-                layer.input_layernorm.weight, _matmul_weight(attention.qkv_proj), _bias(attention.qkv_proj.bias),
-                _matmul_weight(attention.o_proj), _bias(attention.o_proj.bias), layer.post_attention_layernorm.weight,
-                _matmul_weight(mlp.gate_up_proj), _matmul_weight(mlp.down_proj),
-            ]
+            weights += [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
+            for linear in (attention.qkv_proj, attention.o_proj, mlp.gate_up_proj, mlp.down_proj):
+                weights += _matmul_weights(linear)
         attention = layers[0].self_attn.attn
-        packed = layers[0].self_attn.qkv_proj.packed_weight is not None
         self.stack = torch.classes.pagedserve.DecoderStack(
             weights, final_norm.weight, attention.num_heads, attention.num_kv_heads, attention.head_dim,
-            config.rms_norm_eps, packed,
+            config.rms_norm_eps,
         )
         self.attention_layers = [layer.self_attn.attn for layer in layers]
 
@@ -45,9 +42,7 @@ class NativeDecoderStack:
         )
 
 
-def _matmul_weight(linear: "PackableMatmul") -> torch.Tensor:
-    return linear.weight if linear.packed_weight is None else linear.packed_weight
-
-
-def _bias(bias: Optional[torch.Tensor]) -> torch.Tensor:
-    return NO_BIAS if bias is None else bias
+def _matmul_weights(linear: "PackableMatmul") -> list[torch.Tensor]:
+    """(packed, plain, bias), an empty tensor for each that the layer lacks."""
+    packed = NO_WEIGHT if linear.packed_weight is None else linear.packed_weight
+    return [packed, linear.weight, NO_WEIGHT if linear.bias is None else linear.bias]

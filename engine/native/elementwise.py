@@ -1,4 +1,5 @@
-"""The native fused elementwise ops behind the signatures of their PyTorch references (KernelBackend)."""
+"""The native fused elementwise ops and the single-row matmul behind the signatures of the PyTorch path
+(KernelBackend)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -25,3 +26,8 @@ def apply_rotary(x: torch.Tensor, angles: Angles) -> torch.Tensor:
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return torch.ops.pagedserve.silu_and_mul(gate_up.contiguous())
+
+
+def single_row_matmul(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """x [1, K] @ weight [N, K]^T + bias, streaming the plain weight (a decode step of one sequence)."""
+    return torch.ops.pagedserve.gemv(x.contiguous(), weight, bias)

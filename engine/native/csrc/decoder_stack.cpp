@@ -27,18 +27,19 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& weight, const st
 }  // namespace
 
 DecoderStack::DecoderStack(std::vector<at::Tensor> weights, at::Tensor final_norm, int64_t num_heads,
-                           int64_t num_kv_heads, int64_t head_dim, double eps, bool packed)
+                           int64_t num_kv_heads, int64_t head_dim, double eps)
     : final_norm_(std::move(final_norm)), num_heads_(num_heads), num_kv_heads_(num_kv_heads), head_dim_(head_dim),
-      eps_(eps), scale_(1.0 / std::sqrt(static_cast<double>(head_dim))), packed_(packed) {
+      eps_(eps), scale_(1.0 / std::sqrt(static_cast<double>(head_dim))) {
   TORCH_CHECK(weights.size() % kWeightsPerLayer == 0, "expected ", kWeightsPerLayer, " weights per layer");
-  for (size_t i = 0; i < weights.size(); i += kWeightsPerLayer) {
-    layers_.push_back({weights[i], weights[i + 1], weights[i + 2], weights[i + 3], weights[i + 4], weights[i + 5],
-                       weights[i + 6], weights[i + 7]});
+  for (auto w = weights.begin(); w != weights.end(); w += kWeightsPerLayer) {
+    layers_.push_back({w[0], w[1], {w[2], w[3], w[4]}, {w[5], w[6], w[7]}, {w[8], w[9], w[10]}, {w[11], w[12], w[13]}});
   }
 }
 
-at::Tensor DecoderStack::linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) const {
-  return packed_ ? packed_linear(x, weight, bias_or_none(bias)) : at::linear(x, weight, bias_or_none(bias));
+at::Tensor DecoderStack::linear(const at::Tensor& x, const Matmul& matmul) {
+  const std::optional<at::Tensor> bias = bias_or_none(matmul.bias);
+  if (x.size(0) == 1 && matmul.plain.numel()) return gemv(x, matmul.plain, bias);
+  return matmul.packed.numel() ? packed_linear(x, matmul.packed, bias) : at::linear(x, matmul.plain, bias);
 }
 
 at::Tensor DecoderStack::attention(const at::Tensor& normed, const LayerWeights& layer, const at::Tensor& cos,
@@ -47,7 +48,7 @@ at::Tensor DecoderStack::attention(const at::Tensor& normed, const LayerWeights&
                                    const at::Tensor& context_lens, const at::Tensor& query_start_loc) const {
   const int64_t tokens = normed.size(0);
   const int64_t q_size = num_heads_ * head_dim_, kv_size = num_kv_heads_ * head_dim_;
-  at::Tensor qkv = linear(normed, layer.qkv, layer.qkv_bias);
+  at::Tensor qkv = linear(normed, layer.qkv);
   at::Tensor query_key = qkv.narrow(1, 0, q_size + kv_size).view({tokens, num_heads_ + num_kv_heads_, head_dim_});
   rotary_(query_key, cos, sin);
   at::Tensor q = qkv.narrow(1, 0, q_size).view({tokens, num_heads_, head_dim_});
@@ -56,7 +57,7 @@ at::Tensor DecoderStack::attention(const at::Tensor& normed, const LayerWeights&
   write_kv_cache(k, v, k_cache, v_cache, slot_mapping);
   at::Tensor out = at::empty({tokens, num_heads_, head_dim_}, qkv.options());
   paged_attention(q, k_cache, v_cache, block_tables, context_lens, query_start_loc, scale_, out);
-  return linear(out.view({tokens, q_size}), layer.o, layer.o_bias);
+  return linear(out.view({tokens, q_size}), layer.o);
 }
 
 at::Tensor DecoderStack::forward(at::Tensor hidden, at::Tensor cos, at::Tensor sin, std::vector<at::Tensor> k_caches,
@@ -70,7 +71,7 @@ at::Tensor DecoderStack::forward(at::Tensor hidden, at::Tensor cos, at::Tensor s
     hidden = attention(normed, layer, cos, sin, k_caches[i], v_caches[i], slot_mapping, block_tables, context_lens,
                        query_start_loc);
     std::tie(normed, residual) = rms_norm(hidden, residual, layer.post_norm, eps_);
-    hidden = linear(silu_and_mul(linear(normed, layer.gate_up, {})), layer.down, {});
+    hidden = linear(silu_and_mul(linear(normed, layer.gate_up)), layer.down);
   }
   return std::get<0>(rms_norm(hidden, residual, final_norm_, eps_));
 }

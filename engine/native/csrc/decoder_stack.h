@@ -9,18 +9,26 @@
 
 namespace pagedserve {
 
+// One matmul's weights: oneDNN's packed weight and the plain row-major one (either may be empty), and the bias
+// (empty when there is none).
+struct Matmul {
+  at::Tensor packed, plain, bias;
+};
+
 struct LayerWeights {
-  at::Tensor input_norm, qkv, qkv_bias, o, o_bias, post_norm, gate_up, down;
+  at::Tensor input_norm, post_norm;
+  Matmul qkv, o, gate_up, down;
 };
 
 class DecoderStack : public torch::CustomClassHolder {
  public:
-  static constexpr int64_t kWeightsPerLayer = 8;
+  static constexpr int64_t kWeightsPerLayer = 14;
 
-  // `weights`: per layer input_norm, qkv, qkv_bias, o, o_bias, post_norm, gate_up, down (an empty tensor for a
-  // missing bias). `packed`: the matmul weights are in oneDNN's blocked layout (PackableMatmul.pack).
+  // `weights`: per layer input_norm, post_norm, then (packed, plain, bias) of qkv, o, gate_up and down; an empty
+  // tensor for whatever a matmul lacks. One-row steps stream the plain weight when there is one (gemv); others
+  // use the packed weight (PackableMatmul.pack) where there is one.
   DecoderStack(std::vector<at::Tensor> weights, at::Tensor final_norm, int64_t num_heads, int64_t num_kv_heads,
-               int64_t head_dim, double eps, bool packed);
+               int64_t head_dim, double eps);
 
   // The hidden states after the final norm, for the step's tokens [T, H] embedded; cos, sin [T, D].
   at::Tensor forward(at::Tensor hidden, at::Tensor cos, at::Tensor sin, std::vector<at::Tensor> k_caches,
@@ -28,7 +36,7 @@ class DecoderStack : public torch::CustomClassHolder {
                      at::Tensor context_lens, at::Tensor query_start_loc) const;
 
  private:
-  at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) const;
+  static at::Tensor linear(const at::Tensor& x, const Matmul& matmul);
   at::Tensor attention(const at::Tensor& normed, const LayerWeights& layer, const at::Tensor& cos,
                        const at::Tensor& sin, at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& slot_mapping,
                        const at::Tensor& block_tables, const at::Tensor& context_lens,
@@ -38,7 +46,6 @@ class DecoderStack : public torch::CustomClassHolder {
   at::Tensor final_norm_;
   int64_t num_heads_, num_kv_heads_, head_dim_;
   double eps_, scale_;
-  bool packed_;
 };
 
 }  // namespace pagedserve

@@ -29,4 +29,7 @@ void rotary_(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
 // silu(gate) * up of a stacked [T, 2 * I] projection -> [T, I].
 at::Tensor silu_and_mul(const at::Tensor& gate_up);
 
+// x [1, K] @ weight [N, K]^T + bias, streaming a plain row-major weight (the single-row decode matmul).
+at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
+
 }  // namespace pagedserve

@@ -12,8 +12,9 @@ TORCH_LIBRARY(pagedserve, m) {
   m.def("rms_norm(Tensor x, Tensor? residual, Tensor weight, float eps) -> (Tensor, Tensor)");
   m.def("rotary_(Tensor(a!) x, Tensor cos, Tensor sin) -> ()");
   m.def("silu_and_mul(Tensor gate_up) -> Tensor");
+  m.def("gemv(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.class_<pagedserve::DecoderStack>("DecoderStack")
-      .def(torch::init<std::vector<at::Tensor>, at::Tensor, int64_t, int64_t, int64_t, double, bool>())
+      .def(torch::init<std::vector<at::Tensor>, at::Tensor, int64_t, int64_t, int64_t, double>())
       .def("forward", &pagedserve::DecoderStack::forward);
 }
 
@@ -23,4 +24,5 @@ TORCH_LIBRARY_IMPL(pagedserve, CPU, m) {
   m.impl("rms_norm", &pagedserve::rms_norm);
   m.impl("rotary_", &pagedserve::rotary_);
   m.impl("silu_and_mul", &pagedserve::silu_and_mul);
+  m.impl("gemv", &pagedserve::gemv);
 }

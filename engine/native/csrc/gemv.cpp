@@ -1,0 +1,62 @@
+// One-row matmul (y = x W^T + b for a single token) streaming a plain [N, K] weight: at one row the matmul is
+// bound by reading the weight, and a plain row-major stream reads faster than oneDNN's blocked layout.
+#include <ATen/Parallel.h>
+#include <ATen/record_function.h>
+
+#include <algorithm>
+
+#include "kernels.h"
+#include "vec_utils.h"
+
+namespace pagedserve {
+namespace {
+
+constexpr int64_t kRowsPerBlock = 16;
+constexpr int64_t kBlocksPerTask = 8;
+
+template <typename scalar_t>
+inline float row_dot(const scalar_t* weight, const float* x, int64_t k) {
+  Vec even(0.f), odd(0.f);
+  int64_t i = 0;
+  for (; i + 2 * kVecSize <= k; i += 2 * kVecSize) {
+    even = at::vec::fmadd(load_float(weight + i), Vec::loadu(x + i), even);
+    odd = at::vec::fmadd(load_float(weight + i + kVecSize), Vec::loadu(x + i + kVecSize), odd);
+  }
+  for (; i < k; i += kVecSize) {
+    const int64_t width = std::min(kVecSize, k - i);
+    even = at::vec::fmadd(load_float(weight + i, width), Vec::loadu(x + i, width), even);
+  }
+  return lane_sum(even + odd);
+}
+
+template <typename scalar_t>
+void gemv_rows(const scalar_t* weight, const float* x, const scalar_t* bias, scalar_t* out, int64_t first,
+               int64_t last, int64_t k) {
+  for (int64_t n = first; n < last; ++n) {
+    const float value = row_dot(weight + n * k, x, k) + (bias ? static_cast<float>(bias[n]) : 0.f);
+    out[n] = static_cast<scalar_t>(value);
+  }
+}
+
+}  // namespace
+
+at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  RECORD_FUNCTION("pagedserve::gemv", c10::ArrayRef<const c10::IValue>{});
+  TORCH_CHECK(x.dim() == 2 && x.size(0) == 1 && weight.dim() == 2 && weight.is_contiguous() &&
+                  x.size(1) == weight.size(1), "gemv takes x [1, K] and a contiguous weight [N, K]");
+  TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "x and weight must share a dtype");
+  const bool has_bias = bias.has_value() && bias->defined() && bias->numel();
+  const int64_t n = weight.size(0), k = weight.size(1);
+  at::Tensor out = at::empty({1, n}, x.options());
+  const at::Tensor x_float = x.to(at::kFloat).contiguous();
+  PAGEDSERVE_DISPATCH(x.scalar_type(), "gemv", [&] {
+    const scalar_t* bias_ptr = has_bias ? bias->data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, n, kRowsPerBlock * kBlocksPerTask, [&](int64_t begin, int64_t end) {
+      gemv_rows(weight.data_ptr<scalar_t>(), x_float.data_ptr<float>(), bias_ptr, out.data_ptr<scalar_t>(), begin,
+                end, k);
+    });
+  });
+  return out;
+}
+
+}  // namespace pagedserve
