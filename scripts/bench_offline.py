@@ -35,7 +35,7 @@ import torch
 from bench_common import cpu_model, git_commit, local_time, print_context
 from engine import LLM, SamplingParams
 from engine.dtypes import resolve_dtype
-from engine.loader import default_model_path
+from engine.loader import default_model_path, read_model_config, resolve_model
 
 OURS = "pagedserve"
 IN_PROCESS_PEERS = ("transformers", "transformers-paged")
@@ -105,6 +105,11 @@ def parse_args() -> argparse.Namespace:
         help="where the GGUF model is exported once as a Hugging Face folder for vLLM",
     )
     parser.add_argument("--json", type=Path, help="also write the results as JSON to this path")
+    parser.add_argument(
+        "--limits", action="store_true",
+        help="after the systems, measure this machine's matmul-only bound of each workload (bench_limits.py) and "
+        "report our throughput as a fraction of it",
+    )
     parser.add_argument("--max-num-seqs", type=int, help="our engine's max_num_seqs")
     parser.add_argument("--max-num-batched-tokens", type=int, help="our engine's max_num_batched_tokens")
     parser.add_argument(
@@ -363,6 +368,23 @@ def print_table(results: list[Result]) -> None:
         )
 
 
+def workload_limits(args: argparse.Namespace, workloads: list[Workload], results: list[Result]) -> dict[str, Any]:
+    """Each workload's matmul-only bound on this machine now, and our output tok/s as a fraction of it."""
+    import bench_limits
+
+    config = read_model_config(resolve_model(str(default_model_path())))
+    rows = sorted({1, args.num_requests, args.max_num_batched_tokens or 2048})
+    rates = bench_limits.matmul_rates(config, DTYPES[args.dtype], rows, repeats=5)
+    limits: dict[str, Any] = {"matmuls": rates}
+    print()
+    for workload in workloads:
+        bound = bench_limits.workload_bound(rates, workload.num_requests, len(workload.prompts[0]), workload.output_len)
+        ours = next(r.output_tok_s for r in results if r.system == OURS and r.workload == workload.name)
+        limits[workload.name] = {"matmul_bound_out_tok_s": bound, "ours_fraction": ours / bound}
+        print(f"{workload.name}: matmul-only bound {bound:.0f} out tok/s; ours {ours:.1f} = {ours / bound:.2f} of it")
+    return limits
+
+
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
@@ -385,6 +407,8 @@ def main() -> None:
     print()
     print_table(results)
     report = {"context": context, "results": [asdict(result) for result in results]}
+    if args.limits:
+        report["limits"] = workload_limits(args, workloads, results)
     text = json.dumps(report, indent=2)
     print()
     print(text)
