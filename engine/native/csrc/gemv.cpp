@@ -4,6 +4,7 @@
 #include <ATen/record_function.h>
 
 #include <algorithm>
+#include <vector>
 
 #include "kernels.h"
 #include "vec_utils.h"
@@ -11,8 +12,7 @@
 namespace pagedserve {
 namespace {
 
-constexpr int64_t kRowsPerBlock = 16;
-constexpr int64_t kBlocksPerTask = 8;
+constexpr int64_t kMinRowsPerTask = 128;
 
 template <typename scalar_t>
 inline float row_dot(const scalar_t* weight, const float* x, int64_t k) {
@@ -47,13 +47,15 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::option
   TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "x and weight must share a dtype");
   const bool has_bias = bias.has_value() && bias->defined() && bias->numel();
   const int64_t n = weight.size(0), k = weight.size(1);
+  TORCH_CHECK(x.stride(1) == 1, "x must have contiguous columns");
   at::Tensor out = at::empty({1, n}, x.options());
-  const at::Tensor x_float = x.to(at::kFloat).contiguous();
+  std::vector<float> x_float(k);
   PAGEDSERVE_DISPATCH(x.scalar_type(), "gemv", [&] {
+    const scalar_t* x_ptr = x.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < k; ++i) x_float[i] = static_cast<float>(x_ptr[i]);
     const scalar_t* bias_ptr = has_bias ? bias->data_ptr<scalar_t>() : nullptr;
-    at::parallel_for(0, n, kRowsPerBlock * kBlocksPerTask, [&](int64_t begin, int64_t end) {
-      gemv_rows(weight.data_ptr<scalar_t>(), x_float.data_ptr<float>(), bias_ptr, out.data_ptr<scalar_t>(), begin,
-                end, k);
+    at::parallel_for(0, n, kMinRowsPerTask, [&](int64_t begin, int64_t end) {
+      gemv_rows(weight.data_ptr<scalar_t>(), x_float.data(), bias_ptr, out.data_ptr<scalar_t>(), begin, end, k);
     });
   });
   return out;
