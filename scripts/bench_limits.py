@@ -4,11 +4,13 @@ Measures, with torch's threads (default: all cores):
 * memory bandwidth: reading a 1 GiB float32 tensor (sum) and copying it;
 * the model's matmuls at M rows (1, 64, 2048 by default): every linear weight of every layer, in the model's
   dtype, packed for oneDNN as the engine packs them, run one after the other as a forward does (so the weights
-  come from memory, not cache), with the LM head timed apart; as ms per pass, GFLOP/s and weight GB/s.
+  come from memory, not cache), with the LM head timed apart; as ms per pass, GFLOP/s and weight GB/s; at one
+  row also the engine's native single-row matmul over the plain weights, where the native kernels build.
 
 From these it derives the matmul-only bound of the offline workloads of bench_offline.py (W: 64 x 128 x 128,
 W1: 1 x 128 x 128): prefill in chunks of the prefill rows, then one decode step per output token, LM head rows
-only where tokens are sampled. Attention, elementwise work and sampling are left out, so no engine reaches it.
+only where tokens are sampled, each with the faster kernel measured. Attention, elementwise work and sampling are
+left out, so no engine reaches it.
 
 Example: .venv/bin/python scripts/bench_limits.py --json limits.json
 """
@@ -19,7 +21,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -69,6 +71,15 @@ def layer_shapes(config: ModelConfig) -> list[tuple[int, int]]:
     return [(q + 2 * kv, hidden), (hidden, q), (2 * inner, hidden), (hidden, inner)]
 
 
+def native_gemv() -> Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+    """The engine's native single-row matmul, where the native kernels build here."""
+    from engine.native.build import native_error
+
+    if native_error() is not None:
+        return None
+    return lambda x, weight: torch.ops.pagedserve.gemv(x, weight, None)
+
+
 def packed(weight: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     if not can_pack(weight):
         return lambda x: torch.nn.functional.linear(x, weight)
@@ -78,8 +89,11 @@ def packed(weight: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
 
 def matmul_rates(config: ModelConfig, dtype: torch.dtype, rows: list[int], repeats: int) -> dict[str, Any]:
     shapes = layer_shapes(config) * config.num_layers
-    matmuls = [(packed(torch.randn(out, inp, dtype=dtype)), inp) for out, inp in shapes]
-    head = packed(torch.randn(config.vocab_size, config.hidden_size, dtype=dtype))
+    weights = [torch.randn(out, inp, dtype=dtype) for out, inp in shapes]
+    head_weight = torch.randn(config.vocab_size, config.hidden_size, dtype=dtype)
+    matmuls = [(packed(weight), weight.shape[1]) for weight in weights]
+    head = packed(head_weight)
+    gemv = native_gemv()
     element = torch.finfo(dtype).bits // 8
     layer_flops = 2 * sum(out * inp for out, inp in shapes)
     results = {}
@@ -93,7 +107,21 @@ def matmul_rates(config: ModelConfig, dtype: torch.dtype, rows: list[int], repea
             "layers_gflops": m * layer_flops / layers_s / 1e9,
             "layers_weight_gbps": layer_flops // 2 * element / layers_s / 1e9,
         }
+        if m == 1 and gemv is not None:
+            x = inputs[config.hidden_size]
+            single_s = seconds_per_call(lambda: [gemv(inputs[w.shape[1]], w) for w in weights], repeats)
+            results["1"]["native_gemv"] = {
+                "layers_ms": single_s * 1e3,
+                "lm_head_ms": seconds_per_call(lambda: gemv(x, head_weight), repeats) * 1e3,
+                "layers_weight_gbps": layer_flops // 2 * element / single_s / 1e9,
+            }
     return results
+
+
+def fastest(rate: dict[str, Any]) -> dict[str, Any]:
+    """The oneDNN figures of one row count, or the native single-row matmul's where it is faster."""
+    native = rate.get("native_gemv")
+    return native if native and native["layers_ms"] < rate["layers_ms"] else rate
 
 
 def workload_bound(rates: dict[str, Any], requests: int, input_len: int, output_len: int) -> float:
@@ -104,7 +132,7 @@ def workload_bound(rates: dict[str, Any], requests: int, input_len: int, output_
     decode_rows = min(measured, key=lambda m: abs(m - requests))
     per_token = {m: rates[str(m)]["layers_ms"] / m for m in measured}
     prefill_ms = requests * input_len * per_token[chunk]
-    decode = rates[str(decode_rows)]
+    decode = fastest(rates[str(decode_rows)])
     step_ms = (decode["layers_ms"] + decode["lm_head_ms"]) * requests / decode_rows
     return requests * output_len / ((prefill_ms + output_len * step_ms) / 1e3)
 
@@ -124,6 +152,10 @@ def main() -> None:
     for m, rate in rates.items():
         print(f"M={m:>5}: layers {rate['layers_ms']:8.2f} ms ({rate['layers_gflops']:7.1f} GFLOP/s, "
               f"{rate['layers_weight_gbps']:5.1f} GB/s of weights), LM head {rate['lm_head_ms']:.2f} ms")
+        if "native_gemv" in rate:
+            native = rate["native_gemv"]
+            print(f"M=    1, native gemv: layers {native['layers_ms']:8.2f} ms ({native['layers_weight_gbps']:5.1f} GB/s "
+                  f"of weights), LM head {native['lm_head_ms']:.2f} ms")
     print(f"matmul-only bound: W {bounds['W']:.0f} out tok/s, W1 {bounds['W1']:.0f} out tok/s")
     result = {"context": context, "bandwidth": bandwidth, "matmuls": rates, "matmul_bound_out_tok_s": bounds}
     if args.json:
