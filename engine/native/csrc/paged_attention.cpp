@@ -21,9 +21,8 @@ namespace pagedserve {
 namespace {
 
 constexpr int64_t kQueryTile = 16;     // query positions per prefill task
+constexpr int64_t kTransposedMinRows = 16;  // tasks with this many query rows score a key tile transposed
 constexpr int64_t kDecodeSplit = 512;  // context tokens per decode task; longer decodes are split and merged
-
-inline int64_t round_up(int64_t n, int64_t multiple) { return (n + multiple - 1) / multiple * multiple; }
 
 struct Task {
   int64_t seq;
@@ -80,12 +79,13 @@ Plan plan_tasks(const at::Tensor& context_lens, const at::Tensor& query_start_lo
   return plan;
 }
 
-// Float scratch of one task: scaled queries, accumulators, running max and sum, and one KV tile.
+// Float scratch of one task: scaled queries, accumulators, running max and sum, and one tile of at most kVecSize
+// keys and values (keys also transposed, [head_dim, kVecSize], for tasks of many rows).
 struct Scratch {
-  std::vector<float> query, acc, max, sum, scores, keys, values;
+  std::vector<float> query, acc, max, sum, scores, keys, keys_t, values;
   Scratch(int64_t rows, const Layout& layout)
-      : query(rows * layout.head_dim), acc(rows * layout.head_dim), max(rows), sum(rows), scores(round_up(layout.block_size, kVecSize)),
-        keys(round_up(layout.block_size, kVecSize) * layout.head_dim), values(layout.block_size * layout.head_dim) {}
+      : query(rows * layout.head_dim), acc(rows * layout.head_dim), max(rows), sum(rows), scores(kVecSize),
+        keys(kVecSize * layout.head_dim), keys_t(layout.head_dim * kVecSize), values(kVecSize * layout.head_dim) {}
 };
 
 inline float dot(const float* a, const float* b, int64_t n) {
@@ -116,21 +116,19 @@ inline __m512 lane_sums(const __m512* v) {
 }
 #endif
 
-// scores[j] = query . keys[j] for j < n; `keys` holds whole groups of 16 rows and `scores` whole vectors.
+// scores[j] = query . keys[j] for j < n <= kVecSize.
 inline void tile_scores(const float* query, const float* keys, int64_t n, int64_t dim, float* scores) {
 #if defined(CPU_CAPABILITY_AVX512)
   if (dim % 16 == 0) {
-    for (int64_t first = 0; first < n; first += 16) {
-      __m512 partial[16];
-      for (int64_t j = 0; j < 16; ++j) {
-        __m512 total = _mm512_setzero_ps();
-        for (int64_t d = 0; first + j < n && d < dim; d += 16) {
-          total = _mm512_fmadd_ps(_mm512_loadu_ps(query + d), _mm512_loadu_ps(keys + (first + j) * dim + d), total);
-        }
-        partial[j] = total;
+    __m512 partial[16];
+    for (int64_t j = 0; j < 16; ++j) {
+      __m512 total = _mm512_setzero_ps();
+      for (int64_t d = 0; j < n && d < dim; d += 16) {
+        total = _mm512_fmadd_ps(_mm512_loadu_ps(query + d), _mm512_loadu_ps(keys + j * dim + d), total);
       }
-      _mm512_storeu_ps(scores + first, lane_sums(partial));
+      partial[j] = total;
     }
+    _mm512_storeu_ps(scores, lane_sums(partial));
     return;
   }
 #endif
@@ -170,24 +168,38 @@ inline void to_float(const scalar_t* src, float* dst, int64_t n) {
   }
 }
 
-// One online-softmax update of a query row with the scores of n keys (the buffer is padded to whole vectors).
-inline void softmax_update(Scratch& s, int64_t row, int64_t n, int64_t dim) {
-  float* scores = s.scores.data();
-  const int64_t padded = round_up(n, kVecSize);
-  std::fill(scores + n, scores + padded, -std::numeric_limits<float>::infinity());
-  Vec top(-std::numeric_limits<float>::infinity());
-  for (int64_t j = 0; j < padded; j += kVecSize) top = at::vec::maximum(top, Vec::loadu(scores + j));
-  const float new_max = std::max(s.max[row], lane_max(top));
+// One online-softmax update of a query row with the scores of a tile's n keys; lanes past `visible` are masked.
+inline void softmax_update(Scratch& s, int64_t row, Vec scores, int64_t visible, int64_t n, int64_t dim) {
+  const Vec lanes = Vec::arange(0.f, 1.f);
+  scores = Vec::blendv(scores, Vec(-std::numeric_limits<float>::infinity()), lanes >= Vec(static_cast<float>(visible)));
+  const float new_max = std::max(s.max[row], lane_max(scores));
   const float correction = std::exp(s.max[row] - new_max);
-  Vec tile_sum(0.f);
-  for (int64_t j = 0; j < padded; j += kVecSize) {
-    const Vec p = (Vec::loadu(scores + j) - Vec(new_max)).exp_u20();
-    p.store(scores + j);
-    tile_sum = tile_sum + p;
-  }
+  const Vec p = (scores - Vec(new_max)).exp_u20();
+  p.store(s.scores.data());
   s.max[row] = new_max;
-  s.sum[row] = s.sum[row] * correction + lane_sum(tile_sum);
-  accumulate(s.acc.data() + row * dim, correction, scores, s.values.data(), n, dim);
+  s.sum[row] = s.sum[row] * correction + lane_sum(p);
+  accumulate(s.acc.data() + row * dim, correction, s.scores.data(), s.values.data(), n, dim);
+}
+
+// The tile's keys [n, dim] as [dim, kVecSize], zero past n: a row's scores are then dim FMAs over whole vectors.
+inline void transpose_keys(Scratch& s, int64_t n, int64_t dim) {
+  std::fill(s.keys_t.begin(), s.keys_t.end(), 0.f);
+  for (int64_t j = 0; j < n; ++j) {
+    for (int64_t d = 0; d < dim; ++d) s.keys_t[d * kVecSize + j] = s.keys[j * dim + d];
+  }
+}
+
+inline Vec transposed_scores(const float* query, const float* keys_t, int64_t dim) {
+  Vec a(0.f), b(0.f), c(0.f), e(0.f);  // four independent FMA chains, in registers
+  int64_t d = 0;
+  for (; d + 4 <= dim; d += 4) {
+    a = at::vec::fmadd(Vec(query[d]), Vec::loadu(keys_t + d * kVecSize), a);
+    b = at::vec::fmadd(Vec(query[d + 1]), Vec::loadu(keys_t + (d + 1) * kVecSize), b);
+    c = at::vec::fmadd(Vec(query[d + 2]), Vec::loadu(keys_t + (d + 2) * kVecSize), c);
+    e = at::vec::fmadd(Vec(query[d + 3]), Vec::loadu(keys_t + (d + 3) * kVecSize), e);
+  }
+  for (; d < dim; ++d) a = at::vec::fmadd(Vec(query[d]), Vec::loadu(keys_t + d * kVecSize), a);
+  return (a + b) + (c + e);
 }
 
 template <typename scalar_t>
@@ -222,13 +234,20 @@ template <typename scalar_t>
 void attend_tile(Scratch& s, const Task& task, const Layout& layout, int64_t key, int64_t n) {
   const int64_t dim = layout.head_dim;
   const int64_t num_positions = task.query_end - task.query_begin;
+  const bool transposed = num_positions * layout.group >= kTransposedMinRows;
+  if (transposed) transpose_keys(s, n, dim);
   for (int64_t pos = 0; pos < num_positions; ++pos) {
     const int64_t visible = std::min(n, task.key_end - (num_positions - 1 - pos) - key);
     if (visible <= 0) continue;
     for (int64_t g = 0; g < layout.group; ++g) {
       const int64_t row = pos * layout.group + g;
-      tile_scores(s.query.data() + row * dim, s.keys.data(), visible, dim, s.scores.data());
-      softmax_update(s, row, visible, dim);
+      const float* query = s.query.data() + row * dim;
+      if (transposed) {
+        softmax_update(s, row, transposed_scores(query, s.keys_t.data(), dim), visible, n, dim);
+      } else {
+        tile_scores(query, s.keys.data(), visible, dim, s.scores.data());
+        softmax_update(s, row, Vec::loadu(s.scores.data()), visible, n, dim);
+      }
     }
   }
 }
@@ -239,7 +258,7 @@ void run_task(const Task& task, const Layout& layout, const scalar_t* q, const s
   load_queries(q, task, layout, s);
   for (int64_t key = task.key_begin; key < task.key_end;) {
     const int64_t first = key % layout.block_size;
-    const int64_t n = std::min(layout.block_size - first, task.key_end - key);
+    const int64_t n = std::min({layout.block_size - first, task.key_end - key, kVecSize});
     load_kv_tile(k_cache, v_cache, block_table[key / layout.block_size], first, n, task.kv_head, layout, s);
     attend_tile<scalar_t>(s, task, layout, key, n);
     key += n;
