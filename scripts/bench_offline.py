@@ -104,6 +104,13 @@ def parse_args() -> argparse.Namespace:
         "--hf-export", type=Path, default=REPO / ".peers/smollm2-hf",
         help="where the GGUF model is exported once as a Hugging Face folder for vLLM",
     )
+    parser.add_argument(
+        "--attention-backend", default="auto", choices=["auto", "torch", "native"],
+        help="our engine's kernels on CPU (auto: the native kernels where they build)",
+    )
+    parser.add_argument(
+        "--enforce-eager", action="store_true", help="our engine runs its layers one by one from Python"
+    )
     parser.add_argument("--json", type=Path, help="also write the results as JSON to this path")
     parser.add_argument(
         "--limits", action="store_true",
@@ -158,6 +165,8 @@ def run_context(args: argparse.Namespace) -> dict[str, Any]:
         "max_num_seqs": args.max_num_seqs,
         "max_num_batched_tokens": args.max_num_batched_tokens,
         "tensor_parallel_size": args.tensor_parallel_size,
+        "attention_backend": args.attention_backend,
+        "enforce_eager": args.enforce_eager,
     }
 
 
@@ -168,7 +177,10 @@ def _transformers_version() -> str:
 
 
 def ours_generate(args: argparse.Namespace) -> GenerateFn:
-    engine_args: dict[str, Any] = {"dtype": args.dtype, "tensor_parallel_size": args.tensor_parallel_size}
+    engine_args: dict[str, Any] = {
+        "dtype": args.dtype, "tensor_parallel_size": args.tensor_parallel_size,
+        "attention_backend": args.attention_backend, "enforce_eager": args.enforce_eager,
+    }
     if args.max_num_seqs is not None:
         engine_args["max_num_seqs"] = args.max_num_seqs
     if args.max_num_batched_tokens is not None:
