@@ -70,11 +70,11 @@ def _native_error() -> Optional[str]:
 
 def _native_backend() -> KernelBackend:
     from engine.attention import native_backend
-    from engine.native import elementwise
+    from engine.native import ops
 
     return KernelBackend(
-        "native", native_backend.paged_attention, elementwise.rms_norm, elementwise.apply_rotary,
-        elementwise.silu_and_mul, elementwise.single_row_matmul,
+        "native", native_backend.paged_attention, ops.rms_norm, ops.apply_rotary,
+        ops.silu_and_mul, ops.single_row_matmul,
     )
 
 

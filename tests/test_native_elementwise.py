@@ -9,7 +9,7 @@ import torch
 from engine.layers.activation import silu_and_mul
 from engine.layers.norm import rms_norm
 from engine.layers.rotary import RotaryEmbedding, apply_rotary
-from engine.native import elementwise
+from engine.native import ops
 
 DTYPES = [torch.float32, torch.bfloat16]
 TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.bfloat16: dict(rtol=8e-3, atol=1e-2)}
@@ -30,7 +30,7 @@ def random(*shape: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
 def test_rms_norm_with_and_without_residual(dtype: torch.dtype, with_residual: bool, hidden: int) -> None:
     x, weight = random(37, hidden, dtype=dtype, seed=0), random(hidden, dtype=dtype, seed=1)
     residual = random(37, hidden, dtype=dtype, seed=2) if with_residual else None
-    out, summed = elementwise.rms_norm(x, residual, weight, 1e-5)
+    out, summed = ops.rms_norm(x, residual, weight, 1e-5)
     expected_out, expected_sum = rms_norm(x, residual, weight, 1e-5)
     assert torch.equal(summed, expected_sum)
     torch.testing.assert_close(out, expected_out, **TOLERANCE[dtype])
@@ -44,7 +44,7 @@ def test_rotary_on_stacked_query_and_key_heads(dtype: torch.dtype, head_dim: int
     angles = rotary(positions, dtype)
     qkv = random(len(positions), 12 * head_dim, dtype=dtype, seed=3)
     query_key = qkv[:, : 9 * head_dim].view(len(positions), 9, head_dim)  # strided rows, as sliced from qkv
-    torch.testing.assert_close(elementwise.apply_rotary(query_key, angles), apply_rotary(query_key, angles),
+    torch.testing.assert_close(ops.apply_rotary(query_key, angles), apply_rotary(query_key, angles),
                                **TOLERANCE[dtype])
 
 
@@ -53,11 +53,11 @@ def test_rotary_that_skips_the_sine_fails_the_comparison() -> None:
     angles = rotary(torch.arange(1, 9), torch.float32)
     x = random(8, 3, 64, dtype=torch.float32, seed=4)
     no_sine = (angles[0], torch.zeros_like(angles[1]))
-    assert not torch.allclose(elementwise.apply_rotary(x, no_sine), apply_rotary(x, angles), atol=1e-3)
+    assert not torch.allclose(ops.apply_rotary(x, no_sine), apply_rotary(x, angles), atol=1e-3)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("size", [1536, 50])
 def test_silu_and_mul(dtype: torch.dtype, size: int) -> None:
     gate_up = random(19, 2 * size, dtype=dtype, seed=5) * 4
-    torch.testing.assert_close(elementwise.silu_and_mul(gate_up), silu_and_mul(gate_up), **TOLERANCE[dtype])
+    torch.testing.assert_close(ops.silu_and_mul(gate_up), silu_and_mul(gate_up), **TOLERANCE[dtype])

@@ -87,7 +87,7 @@ PORTABLE_CHECK = """
 import sys, torch
 sys.path.insert(0, "tests")
 from engine.native.build import load_native
-from engine.native import elementwise
+from engine.native import ops
 from engine.layers.norm import rms_norm
 from paged_kv import random_paged_kv, reference_attention, relative_error
 assert torch.backends.cpu.get_cpu_capability() == "DEFAULT"
@@ -100,7 +100,7 @@ torch.ops.pagedserve.paged_attention(q, kv.k_cache, kv.v_cache, kv.block_tables,
 for i, rows in enumerate([[0], [1], list(range(2, 12))]):
     assert relative_error(out[rows], reference_attention(q[rows], kv, i, 0.125)) < 1.6e-2, i
 x, w = torch.randn(5, 100), torch.randn(100)
-torch.testing.assert_close(elementwise.rms_norm(x, x, w, 1e-5)[0], rms_norm(x, x, w, 1e-5)[0])
+torch.testing.assert_close(ops.rms_norm(x, x, w, 1e-5)[0], rms_norm(x, x, w, 1e-5)[0])
 print("portable build ok")
 """
 

@@ -50,10 +50,11 @@ def test_models_lists_the_served_model_with_its_version(api: Api, torchserve: An
 
 def test_chat_completion_matches_the_offline_engine(api: Api, llm_factory: Any, smollm2_path: str) -> None:
     response = api.chat(messages=CHAT, max_tokens=12, temperature=0)
-    tokenizer = llm_factory(smollm2_path).get_tokenizer()
+    offline = llm_factory(smollm2_path, dtype="auto")  # the served engine's dtype (the default model-config's)
+    tokenizer = offline.get_tokenizer()
     prompt = tokenizer.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
     token_ids = tokenizer.encode(prompt, add_special_tokens=False)
-    expected = llm_factory(smollm2_path).generate([token_ids], SamplingParams(temperature=0, max_tokens=12))[0].outputs[0]
+    expected = offline.generate([token_ids], SamplingParams(temperature=0, max_tokens=12))[0].outputs[0]
     choice = response.choices[0]
     assert choice.message.role == "assistant"
     assert choice.message.content == expected.text

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Optional
@@ -62,7 +63,8 @@ def _build_and_load() -> Optional[str]:
         return reason
     logger.info(
         "native CPU kernels (%s) ready in %.1f s (built once, then cached in %s)",
-        capability, time.perf_counter() - started, cpp_extension._get_build_directory("", False).rstrip("/"),
+        capability, time.perf_counter() - started,
+        os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root(),
     )
     return None
 

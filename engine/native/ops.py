@@ -1,5 +1,5 @@
-"""The native fused elementwise ops and the single-row matmul behind the signatures of the PyTorch path
-(KernelBackend)."""
+"""The native kernels other than attention (fused elementwise ops, the single-row matmul), behind the signatures of
+the PyTorch path's functions (KernelBackend)."""
 from __future__ import annotations
 
 from typing import Optional
