@@ -1,7 +1,7 @@
 """The whole engine on the native CPU kernels: the decoder stack (every layer in one native call) and the
 layer-by-layer path (enforce_eager) give the PyTorch path's greedy tokens and log-probabilities in whole
 prompts, prefix-cache hits, chunked prefill and mixed batches; how the backend is chosen, and the fallback when the
-native build fails; the portable (non-AVX) build."""
+native build fails; the builds for the portable and AVX2 capabilities."""
 from __future__ import annotations
 
 import logging
@@ -83,14 +83,14 @@ def test_native_runs_on_the_cpu_in_float32_and_bfloat16_only(native_kernels: Non
     assert select_backend("auto", torch.device("cpu"), torch.float16).name == "torch"
 
 
-PORTABLE_CHECK = """
+CAPABILITY_CHECK = """
 import sys, torch
 sys.path.insert(0, "tests")
 from engine.native.build import load_native
 from engine.native import ops
 from engine.layers.norm import rms_norm
 from paged_kv import random_paged_kv, reference_attention, relative_error
-assert torch.backends.cpu.get_cpu_capability() == "DEFAULT"
+assert torch.backends.cpu.get_cpu_capability() == sys.argv[1]
 load_native()
 kv = random_paged_kv([40, 700, 30], 2, 64, 16, torch.bfloat16)
 q = torch.randn(12, 6, 64).bfloat16()
@@ -101,15 +101,22 @@ for i, rows in enumerate([[0], [1], list(range(2, 12))]):
     assert relative_error(out[rows], reference_attention(q[rows], kv, i, 0.125)) < 1.6e-2, i
 x, w = torch.randn(5, 100), torch.randn(100)
 torch.testing.assert_close(ops.rms_norm(x, x, w, 1e-5)[0], rms_norm(x, x, w, 1e-5)[0])
-print("portable build ok")
+weight = torch.randn(37, 100)
+torch.testing.assert_close(ops.single_row_matmul(x[:1], weight, None), x[:1] @ weight.T, rtol=1e-5, atol=1e-5)
+print("build ok")
 """
 
 
-def test_the_portable_build_without_avx(tmp_path: Path) -> None:
-    """ATen's portable capability: the kernels compile without AVX flags and still match the reference."""
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default"}
+@pytest.mark.parametrize("capability", ["DEFAULT", "AVX2"])
+def test_the_builds_for_other_cpu_capabilities(capability: str) -> None:
+    """ATen's portable and AVX2 capabilities (chosen with ATEN_CPU_CAPABILITY, as on CPUs without AVX-512): the
+    kernels compile for them and still match the reference."""
+    if capability == "AVX2" and torch.backends.cpu.get_cpu_capability() == "DEFAULT":
+        pytest.skip("this CPU has no AVX2")
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability.lower()}
     result = subprocess.run(
-        [sys.executable, "-c", PORTABLE_CHECK], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, "-c", CAPABILITY_CHECK, capability], cwd=REPO, env=env, capture_output=True, text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "portable build ok" in result.stdout
+    assert "build ok" in result.stdout

@@ -230,8 +230,7 @@ void load_kv_tile(const scalar_t* k_cache, const scalar_t* v_cache, int64_t bloc
   }
 }
 
-template <typename scalar_t>
-void attend_tile(Scratch& s, const Task& task, const Layout& layout, int64_t key, int64_t n) {
+inline void attend_tile(Scratch& s, const Task& task, const Layout& layout, int64_t key, int64_t n) {
   const int64_t dim = layout.head_dim;
   const int64_t num_positions = task.query_end - task.query_begin;
   const bool transposed = num_positions * layout.group >= kTransposedMinRows;
@@ -260,7 +259,7 @@ void run_task(const Task& task, const Layout& layout, const scalar_t* q, const s
     const int64_t first = key % layout.block_size;
     const int64_t n = std::min({layout.block_size - first, task.key_end - key, kVecSize});
     load_kv_tile(k_cache, v_cache, block_table[key / layout.block_size], first, n, task.kv_head, layout, s);
-    attend_tile<scalar_t>(s, task, layout, key, n);
+    attend_tile(s, task, layout, key, n);
     key += n;
   }
 }
