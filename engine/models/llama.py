@@ -129,7 +129,7 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head.pack(keep_plain_weight=keep_plain_weights or self.config.tie_word_embeddings)
 
     def use_kernels(self, backend: KernelBackend) -> None:
-        """Run attention, RMSNorm and rotary with `backend`'s kernels."""
+        """Run attention, RMSNorm, rotary, SiLU·mul and one-row matmuls with `backend`'s kernels."""
         for module in self.modules():
             if isinstance(module, Attention):
                 module.kernel = backend.paged_attention
