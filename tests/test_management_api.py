@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import time
 import zipfile
-from pathlib import Path
 from typing import Any, Iterator
 
 import psutil

@@ -10,7 +10,7 @@ from typing import Any
 
 import llama_cpp
 
-from protocol import Generate, read_job, run_job
+from protocol import read_job, run_job
 
 BATCH_TOKENS = 2048
 
