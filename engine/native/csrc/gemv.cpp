@@ -15,25 +15,10 @@ namespace {
 constexpr int64_t kMinRowsPerTask = 128;
 
 template <typename scalar_t>
-inline float row_dot(const scalar_t* weight, const float* x, int64_t k) {
-  Vec even(0.f), odd(0.f);
-  int64_t i = 0;
-  for (; i + 2 * kVecSize <= k; i += 2 * kVecSize) {
-    even = at::vec::fmadd(load_float(weight + i), Vec::loadu(x + i), even);
-    odd = at::vec::fmadd(load_float(weight + i + kVecSize), Vec::loadu(x + i + kVecSize), odd);
-  }
-  for (; i < k; i += kVecSize) {
-    const int64_t width = std::min(kVecSize, k - i);
-    even = at::vec::fmadd(load_float(weight + i, width), Vec::loadu(x + i, width), even);
-  }
-  return lane_sum(even + odd);
-}
-
-template <typename scalar_t>
 void gemv_rows(const scalar_t* weight, const float* x, const scalar_t* bias, scalar_t* out, int64_t first,
                int64_t last, int64_t k) {
   for (int64_t n = first; n < last; ++n) {
-    const float value = row_dot(weight + n * k, x, k) + (bias ? static_cast<float>(bias[n]) : 0.f);
+    const float value = dot(weight + n * k, x, k) + (bias ? static_cast<float>(bias[n]) : 0.f);
     out[n] = static_cast<scalar_t>(value);
   }
 }

@@ -88,15 +88,6 @@ struct Scratch {
         keys(kVecSize * layout.head_dim), keys_t(layout.head_dim * kVecSize), values(kVecSize * layout.head_dim) {}
 };
 
-inline float dot(const float* a, const float* b, int64_t n) {
-  Vec total(0.f);
-  for (int64_t d = 0; d < n; d += kVecSize) {
-    const int64_t width = std::min(kVecSize, n - d);
-    total = at::vec::fmadd(load_float(a + d, width), load_float(b + d, width), total);
-  }
-  return lane_sum(total);
-}
-
 #if defined(CPU_CAPABILITY_AVX512)
 // The sums of 16 vectors' lanes as one vector: lane j holds the sum of v[j].
 inline __m512 lane_sums(const __m512* v) {
@@ -132,7 +123,7 @@ inline void tile_scores(const float* query, const float* keys, int64_t n, int64_
     return;
   }
 #endif
-  for (int64_t j = 0; j < n; ++j) scores[j] = dot(query, keys + j * dim, dim);
+  for (int64_t j = 0; j < n; ++j) scores[j] = dot(keys + j * dim, query, dim);
 }
 
 // acc = acc * correction + sum_j p[j] * values[j] for rows of kVectors whole vectors: the accumulator stays in

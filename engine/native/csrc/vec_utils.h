@@ -81,3 +81,23 @@ inline float lane_max(const Vec& v) {
 }
 
 }  // namespace pagedserve
+
+namespace pagedserve {
+
+// a . b for n elements, `a` in float32 or bfloat16, in two independent FMA chains.
+template <typename scalar_t>
+inline float dot(const scalar_t* a, const float* b, int64_t n) {
+  Vec even(0.f), odd(0.f);
+  int64_t i = 0;
+  for (; i + 2 * kVecSize <= n; i += 2 * kVecSize) {
+    even = at::vec::fmadd(load_float(a + i), Vec::loadu(b + i), even);
+    odd = at::vec::fmadd(load_float(a + i + kVecSize), Vec::loadu(b + i + kVecSize), odd);
+  }
+  for (; i < n; i += kVecSize) {
+    const int64_t width = std::min(kVecSize, n - i);
+    even = at::vec::fmadd(load_float(a + i, width), Vec::loadu(b + i, width), even);
+  }
+  return lane_sum(even + odd);
+}
+
+}  // namespace pagedserve
