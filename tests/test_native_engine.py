@@ -120,3 +120,27 @@ def test_the_builds_for_other_cpu_capabilities(capability: str) -> None:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "build ok" in result.stdout
+
+
+STALE_LOCK_CHECK = """
+from torch.utils import cpp_extension
+import torch
+from engine.native import build
+name = "pagedserve_native_" + torch.backends.cpu.get_cpu_capability().lower()
+stale = cpp_extension._get_build_directory(name, False) + "/lock"
+open(stale, "w").close()
+assert build.native_error() is None
+import os
+assert not os.path.exists(stale)
+print("loaded past the stale lock")
+"""
+
+
+def test_a_lock_left_by_a_killed_build_does_not_block_the_next(native_kernels: None) -> None:
+    """torch's build lock is a plain file: a worker killed while building leaves it, and without our own lock every
+    later worker would wait for it forever."""
+    result = subprocess.run(
+        [sys.executable, "-c", STALE_LOCK_CHECK], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "loaded past the stale lock" in result.stdout

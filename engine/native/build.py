@@ -7,12 +7,14 @@ compiled for the CPU capability ATen itself uses here (AVX-512, AVX2, or portabl
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import logging
 import os
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -49,14 +51,16 @@ def _build_and_load() -> Optional[str]:
 
     capability = torch.backends.cpu.get_cpu_capability()
     started = time.perf_counter()
+    name = f"pagedserve_native_{capability.lower()}"
     try:
-        cpp_extension.load(
-            name=f"pagedserve_native_{capability.lower()}",
-            sources=[str(CSRC / source) for source in SOURCES],
-            extra_cflags=["-O3", "-fopenmp", *CAPABILITY_FLAGS.get(capability, [])],
-            extra_ldflags=["-fopenmp"],
-            is_python_module=False,
-        )
+        with _build_lock(cpp_extension._get_build_directory(name, False)):
+            cpp_extension.load(
+                name=name,
+                sources=[str(CSRC / source) for source in SOURCES],
+                extra_cflags=["-O3", "-fopenmp", *CAPABILITY_FLAGS.get(capability, [])],
+                extra_ldflags=["-fopenmp"],
+                is_python_module=False,
+            )
     except Exception as exc:  # a missing compiler or ninja, a compile error: the PyTorch path takes over
         reason = f"{type(exc).__name__}: {_last_lines(str(exc))}"
         logger.warning("native CPU kernels unavailable (%s); the PyTorch path runs instead", reason)
@@ -67,6 +71,21 @@ def _build_and_load() -> Optional[str]:
         os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root(),
     )
     return None
+
+
+@contextlib.contextmanager
+def _build_lock(build_dir: str) -> Iterator[None]:
+    """Serialise builds with a lock the kernel releases when its holder dies. torch's own lock is a file that a
+    process killed mid-build leaves behind, after which every later build waits for it forever; under this lock no
+    other build can be running, so such a file is stale and is removed."""
+    os.makedirs(build_dir, exist_ok=True)
+    with open(os.path.join(build_dir, "pagedserve.flock"), "w") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        stale = os.path.join(build_dir, "lock")
+        if os.path.exists(stale):
+            logger.warning("removing %s, left by a native build that did not finish", stale)
+            os.remove(stale)
+        yield
 
 
 def _last_lines(text: str, count: int = 6) -> str:
