@@ -8,6 +8,7 @@ from typing import Any, Optional
 import yaml
 
 from engine.config import EngineConfig
+from handler.protocol import RequestLimits
 
 # The keys TorchServe 0.12.0's frontend and Python worker read from a model-config YAML.
 FRONTEND_KEYS = frozenset({
@@ -17,7 +18,7 @@ FRONTEND_KEYS = frozenset({
     "sequenceMaxIdleMSec", "sequenceTimeoutMSec", "maxNumSequence", "maxSequenceJobQueueSize",
     "continuousBatching", "sequenceBatching", "asyncCommunication", "useVenv", "pt2",
 })
-HANDLER_KEYS = ("model", "served_model_name", "chat_template", "engine")
+HANDLER_KEYS = ("model", "served_model_name", "chat_template", "engine", "limits")
 
 
 @dataclass
@@ -28,6 +29,7 @@ class HandlerConfig:
     served_model_name: Optional[str] = None
     chat_template: Optional[str] = None
     engine: EngineConfig = field(default_factory=EngineConfig)
+    limits: RequestLimits = field(default_factory=RequestLimits)
 
     @classmethod
     def from_dict(cls, section: dict[str, Any], model_dir: Optional[str] = None) -> "HandlerConfig":
@@ -42,7 +44,8 @@ class HandlerConfig:
                 raise ValueError(f"handler.{name} must be a non-empty string, got {value!r}")
         model = _under_model_dir(model, model_dir)
         engine = EngineConfig.from_dict({**engine_values, "model": model})
-        return cls(model, section.get("served_model_name"), section.get("chat_template"), engine)
+        limits = RequestLimits.from_dict(_mapping("handler.limits", section.get("limits") or {}))
+        return cls(model, section.get("served_model_name"), section.get("chat_template"), engine, limits)
 
 
 def check_model_yaml(config: dict[str, Any]) -> None:
@@ -107,16 +110,24 @@ def read_model_yaml(path: str) -> dict[str, Any]:
     return config
 
 
-def _reject_unknown(where: str, values: Any, known: Any) -> None:
+def _mapping(where: str, values: Any) -> dict[str, Any]:
     if not isinstance(values, dict):
         raise ValueError(f"{where} must be a mapping, got {type(values).__name__}")
+    return values
+
+
+def _reject_unknown(where: str, values: Any, known: Any) -> None:
+    _mapping(where, values)
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise ValueError(f"unknown {where} key(s) {unknown}; valid keys: {sorted(known)}")
 
 
 def _under_model_dir(model: Optional[str], model_dir: Optional[str]) -> Optional[str]:
-    if model is None or os.path.isabs(model) or model_dir is None:
+    """A relative `model` is a path inside the model folder, and may not leave it (`..`); an absolute one is kept."""
+    if model is None or model_dir is None or os.path.isabs(os.path.expanduser(model)):
         return model
-    inside = os.path.join(model_dir, model)
-    return inside if os.path.exists(inside) else model
+    inside = os.path.normpath(os.path.join(model_dir, model))
+    if os.path.relpath(inside, model_dir).split(os.sep)[0] == os.pardir:
+        raise ValueError(f"handler.model {model!r} leaves the model folder; give an absolute path for weights elsewhere")
+    return inside

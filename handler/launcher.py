@@ -21,7 +21,7 @@ from engine.loader import read_model_config, resolve_model
 from handler.config import handler_config, read_model_yaml, with_tensor_parallel_size
 from handler.metrics import default_metrics_config
 from handler.model_store import build_archive, engine_overrides, model_yaml
-from handler.server import ServedModel, ServerConfig, TorchServeProcess
+from handler.server import ServedModel, ServerConfig, TorchServeProcess, reply_size_limit
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "model-config" / "smollm2-135m-cpu.yaml"
 # Used when the package is installed without the repository's model-config/ folder.
@@ -47,7 +47,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, help=f"model-config YAML (default: {DEFAULT_CONFIG.name})")
     add_tensor_parallel_flag(p)
     p.add_argument("--model_store", type=Path, help="where the model folder is written (default: a temporary folder)")
-    p.add_argument("--host", default="127.0.0.1", help="address TorchServe listens on")
+    p.add_argument("--host", default="127.0.0.1", help="address of the inference and management APIs")
+    p.add_argument("--metrics_host", default="127.0.0.1", help="address of the metrics API (default: loopback only)")
     p.add_argument("--inference_port", type=int, default=8080)
     p.add_argument("--management_port", type=int, default=8081)
     p.add_argument("--metrics_port", type=int, default=8082)
@@ -58,6 +59,10 @@ def parser() -> argparse.ArgumentParser:
         help="model metrics YAML, merged with TorchServe's default metrics (default: model-config/metrics.yaml)",
     )
     p.add_argument("--disable_token_auth", action="store_true", help="serve without TorchServe's Bearer keys")
+    p.add_argument(
+        "--token_expiration_min", type=float, default=ServerConfig.token_expiration_min,
+        help="minutes the printed keys stay valid (default: 30 days; TorchServe's own default is 60)",
+    )
     p.add_argument("--enable_model_api", action="store_true", help="allow registering and deleting models")
     p.add_argument("--startup_timeout", type=float, default=600.0, help="seconds to wait for the model to be ready")
     return p
@@ -158,12 +163,14 @@ def serve(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     config = model_yaml(base_config(args.config), args.model_id, overrides)
     config = apply_tensor_parallel_size(config, args.tensor_parallel_size)
     name = model_name(args, config)
+    limits = handler_config(config).limits
     with tempfile.TemporaryDirectory(prefix="pagedserve-") as tmp:
         store = args.model_store or Path(tmp) / "model_store"
         folder = build_archive(name, args.model_version, config, store)
         server_config = ServerConfig(
             model_store=store, run_dir=Path(tmp) / "run", models={name: folder.name}, host=args.host,
-            inference_port=args.inference_port, management_port=args.management_port,
+            metrics_host=args.metrics_host, max_response_size=reply_size_limit(limits),
+            token_expiration_min=args.token_expiration_min, inference_port=args.inference_port, management_port=args.management_port,
             metrics_port=args.metrics_port, grpc_inference_port=args.grpc_inference_port,
             grpc_management_port=args.grpc_management_port, token_auth=not args.disable_token_auth,
             model_api=args.enable_model_api, metrics_config=args.metrics_config,

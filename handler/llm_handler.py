@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import os
+import socket
 import threading
 from http import HTTPStatus
 from contextlib import aclosing
@@ -13,10 +14,12 @@ from typing import Any, AsyncIterator
 
 from ts.context import Context
 from ts.handler_utils.utils import send_intermediate_predict_response
+from ts.protocol.otf_message_handler import create_predict_response
 
 from engine import AsyncLLMEngine, EngineDeadError
 from engine.loader import default_model_path
 from handler.config import handler_config
+from handler.json_body import request_body
 from handler.metrics import TorchServeMetrics
 from handler.openai_serving import SSE_DONE, OpenAIServing, sse_event
 from handler.protocol import APIError
@@ -25,6 +28,20 @@ logger = logging.getLogger(__name__)
 ROUTES = ("v1/completions", "v1/chat/completions", "v1/models")
 # After the engine dies, the worker process lives this long, to send the failed requests' error responses.
 EXIT_DELAY_S = 1.0
+DEFAULT_RESPONSE_TIMEOUT_S = 120.0  # TorchServe's, when the model-config sets no responseTimeout
+
+
+class _SerialSocket(socket.socket):
+    """The worker's socket with one writer at a time. TorchServe sends each request's last reply from a thread of
+    its own while this handler streams from the event loop; two large sendall calls at once would interleave
+    their bytes and break the frontend's framing."""
+
+    __slots__ = ()
+    _send_lock = threading.Lock()
+
+    def sendall(self, data: Any, flags: int = 0) -> None:
+        with self._send_lock:
+            super().sendall(data, flags)
 
 
 class LLMHandler:
@@ -45,6 +62,8 @@ class LLMHandler:
             version,
             config.model or str(default_model_path()),
             config.chat_template,
+            config.limits,
+            float(ctx.model_yaml_config.get("responseTimeout", DEFAULT_RESPONSE_TIMEOUT_S)),
         )
         self.metrics = TorchServeMetrics(ctx.metrics, ctx.model_name, version)
         self.metrics.start(engine.stats())
@@ -52,20 +71,22 @@ class LLMHandler:
         self.initialized = True
 
     async def handle(self, data: list[dict[str, Any]], context: Context) -> list[str]:
-        if context.get_request_header(0, "describe") == "True":
+        """Answer one request. Every reply ends with a message that tells the frontend the request is done
+        (`ts_stream_next: false`), so that it drops the request; a plain reply would stay in its memory for good."""
+        if _is_management_describe(data, context):
             return [json.dumps(self.describe())]
+        _serialize_sends(context)
         self.metrics.bind_loop(asyncio.get_running_loop())
         route = (context.get_request_header(0, "url_path") or "").strip("/")
         try:
             response = await self._dispatch(route, data[0], context.get_request_id(0))
-            if isinstance(response, dict):
-                context.set_response_content_type(0, "application/json")
-                return [json.dumps(response, ensure_ascii=False)]
         except APIError as exc:
-            return [self._error_response(context, exc)]
+            return self._send_error(context, exc)
         except Exception:
             logger.exception("request on %r failed", route)
-            return [self._error_response(context, APIError("internal server error", status=500))]
+            return self._send_error(context, APIError("internal server error", status=500))
+        if isinstance(response, dict):
+            return self._send_whole(context, response)
         return [await self._stream(response, context)]
 
     def describe(self) -> dict[str, Any]:
@@ -85,9 +106,9 @@ class LLMHandler:
         if route == "v1/models":
             return self.serving.list_models()
         if route == "v1/completions":
-            return await self.serving.create_completion(_request_body(row), request_id)
+            return await self.serving.create_completion(request_body(row), request_id)
         if route == "v1/chat/completions":
-            return await self.serving.create_chat_completion(_request_body(row), request_id)
+            return await self.serving.create_chat_completion(request_body(row), request_id)
         raise APIError(f"unknown route {route!r}; this model serves {', '.join(ROUTES)}", status=404, code="unknown_url")
 
     async def _stream(self, events: AsyncIterator[str], context: Context) -> str:
@@ -96,7 +117,7 @@ class LLMHandler:
         try:
             async with aclosing(events):
                 async for event in events:
-                    send_intermediate_predict_response([event], context.request_ids, "Result", 200, context)
+                    send_intermediate_predict_response([_wire(event)], context.request_ids, "Result", 200, context)
         except APIError as exc:
             self._send_error_event(context, exc)
         except Exception:
@@ -106,13 +127,42 @@ class LLMHandler:
 
     def _send_error_event(self, context: Context, error: APIError) -> None:
         self.metrics.count_rejected(error.error_type)
-        send_intermediate_predict_response([sse_event(error.to_dict())], context.request_ids, "Result", 200, context)
+        send_intermediate_predict_response([_wire(sse_event(error.to_dict()))], context.request_ids, "Result", 200,
+                                           context)
 
-    def _error_response(self, context: Context, error: APIError) -> str:
+    def _send_whole(self, context: Context, payload: dict[str, Any]) -> list[str]:
+        """A whole JSON response, sent as the one chunk of a stream: the frontend drops the request after it."""
+        context.set_response_content_type(0, "application/json")
+        body = _wire(json.dumps(payload, ensure_ascii=False))
+        send_intermediate_predict_response([body], context.request_ids, "Result", 200, context)
+        return [""]
+
+    def _send_error(self, context: Context, error: APIError) -> list[str]:
+        """An error status needs a whole (not chunked) reply; the empty last message that follows it ends the
+        request in the frontend, which discards its bytes because the error reply closed the connection."""
         self.metrics.count_rejected(error.error_type)
         context.set_response_status(error.status, HTTPStatus(error.status).phrase)
         context.set_response_content_type(0, "application/json")
-        return json.dumps(error.to_dict(), ensure_ascii=False)
+        body = _wire(json.dumps(error.to_dict(), ensure_ascii=False))
+        context.cl_socket.sendall(create_predict_response([body], context.request_ids, "Result", 200, context))
+        context.set_response_header(0, "ts_stream_next", "false")
+        return [""]
+
+
+def _is_management_describe(data: list[dict[str, Any]], context: Context) -> bool:
+    """The management API's `?customized=true` describe sends the header and no input at all; an inference
+    request always has a body, so a client cannot get the engine's internals by sending the header itself."""
+    return context.get_request_header(0, "describe") == "True" and not data[0]
+
+
+def _serialize_sends(context: Context) -> None:
+    if type(context.cl_socket) is socket.socket:
+        context.cl_socket.__class__ = _SerialSocket
+
+
+def _wire(text: str) -> bytes:
+    """UTF-8 bytes of a reply; anything that cannot be encoded (a lone surrogate) becomes '?', never a lost reply."""
+    return text.encode("utf-8", "replace")
 
 
 def assigned_device(device: str, ctx: Context) -> str:
@@ -128,16 +178,3 @@ def _exit_for_restart(error: EngineDeadError) -> None:
     """A dead engine cannot recover in place: end this worker process so that TorchServe starts a fresh one."""
     logger.error("the engine died (%s); this worker exits in %.0f s so that TorchServe restarts it", error, EXIT_DELAY_S)
     threading.Timer(EXIT_DELAY_S, os._exit, (1,)).start()
-
-
-def _request_body(row: dict[str, Any]) -> Any:
-    """TorchServe hands over a JSON body already parsed, unless it is malformed, then as bytes."""
-    body = row.get("body", row.get("data"))
-    if isinstance(body, (bytes, bytearray)):
-        body = body.decode("utf-8", errors="replace")
-    if not isinstance(body, str):
-        return body
-    try:
-        return json.loads(body)
-    except json.JSONDecodeError as exc:
-        raise APIError(f"the request body is not valid JSON: {exc}") from None

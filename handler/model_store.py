@@ -64,8 +64,16 @@ def model_yaml(config: dict[str, Any], model: Optional[str], overrides: dict[str
     engine = handler.get("engine") or {}
     if engine.get("model") is not None and handler.get("model") is None:
         handler["model"] = engine.pop("model")  # one place for the weights, which build_archive resolves
-    handler_config(result)
+    result.setdefault("jobQueueSize", job_queue_size(result))
     return result
+
+
+def job_queue_size(config: dict[str, Any]) -> int:
+    """Jobs TorchServe's frontend queues for the model: every request its workers' engines admit (running or
+    waiting), so that the engine's own bound, with its OpenAI-style 503, is the one a client meets."""
+    engine = handler_config(config).engine
+    workers = config.get("maxWorkers") or config.get("minWorkers") or 1
+    return workers * (engine.max_num_seqs + engine.max_num_waiting)
 
 
 def build_archive(

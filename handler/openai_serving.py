@@ -2,16 +2,24 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from contextlib import aclosing
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, AsyncIterator, Optional, Union
 
-from engine import AsyncLLMEngine, ContextLengthError, EngineDeadError, RequestOutput
+from engine import (
+    AsyncLLMEngine, ContextLengthError, EngineDeadError, EngineOverloadedError, RequestFailedError, RequestOutput,
+    RequestTimeoutError, SamplingParams,
+)
 from engine.outputs import CompletionOutput, Logprob
 from engine.sequence import Request
-from handler.protocol import APIError, ChatRequest, CompletionRequest, parse_chat_request, parse_completion_request
+from handler.protocol import (
+    APIError, ChatRequest, CompletionRequest, RequestLimits, parse_chat_request, parse_completion_request,
+)
+from handler.response_budget import ResponseBudget
 
 SSE_DONE = "data: [DONE]\n\n"
 Response = Union[dict[str, Any], AsyncIterator[str]]
@@ -47,12 +55,17 @@ class OpenAIServing:
         version: str,
         model_path: str,
         chat_template: Optional[str] = None,
+        limits: RequestLimits = RequestLimits(),
+        request_timeout: Optional[float] = None,
     ) -> None:
         self.engine = engine
         self.served_model_name = served_model_name
         self.version = version
         self.model_path = model_path
         self.chat_template = chat_template
+        self.limits = limits
+        self.request_timeout = request_timeout
+        self.response_budget = ResponseBudget(engine.tokenizer, limits.max_response_bytes)
         self.created = int(time.time())
 
     def list_models(self) -> dict[str, Any]:
@@ -61,14 +74,14 @@ class OpenAIServing:
             "object": "model",
             "created": self.created,
             "owned_by": "pagedserve",
-            "root": self.model_path,
+            "root": Path(self.model_path).name,  # never the absolute path of the weights
             "version": self.version,
             "max_model_len": self.engine.max_model_len,
         }
         return {"object": "list", "data": [card]}
 
     async def create_completion(self, body: Any, request_id: str) -> Response:
-        request = parse_completion_request(body)
+        request = parse_completion_request(body, self.limits)
         call = self._start(f"cmpl-{request_id}", "text_completion", request, request.prompts, "prompt")
         if request.stream:
             return self._stream_completion(call, request)
@@ -81,8 +94,10 @@ class OpenAIServing:
         return call.envelope(choices=sorted(choices, key=lambda c: c["index"]), usage=_usage(outputs))
 
     async def create_chat_completion(self, body: Any, request_id: str) -> Response:
-        request = parse_chat_request(body)
+        request = parse_chat_request(body, self.limits)
         prompt = self._chat_prompt(request.messages)
+        if request.params.max_tokens is None:
+            request.params = self._default_max_tokens(request.params, len(prompt))
         call = self._start(f"chatcmpl-{request_id}", "chat.completion", request, [prompt], "messages")
         if request.stream:
             return self._stream_chat(call, request)
@@ -93,20 +108,38 @@ class OpenAIServing:
     def _start(
         self, call_id: str, object_name: str, request: Union[CompletionRequest, ChatRequest], prompts: list[Any], what: str
     ) -> _Call:
-        """Check the model and every prompt before any of them reaches the engine."""
+        """Check the model, the response's size and every prompt before any of them reaches the engine."""
         if request.model is not None and request.model != self.served_model_name:
             raise APIError(
                 f"The model `{request.model}` does not exist; this endpoint serves `{self.served_model_name}`",
                 status=404, param="model", code="model_not_found",
             )
-        requests = [self._make_request(f"{call_id}-{i}", prompt, request, what) for i, prompt in enumerate(prompts)]
+        self._check_response_size(request, len(prompts))
+        timeout = min(filter(None, (request.timeout, self.request_timeout)), default=None)
+        requests = [
+            self._make_request(f"{call_id}-{i}", prompt, request, what, timeout) for i, prompt in enumerate(prompts)
+        ]
         object_name = object_name if not request.stream else f"{object_name}.chunk"
         return _Call(call_id, object_name, request.model or self.served_model_name, int(time.time()), requests,
                      request.params.n)
 
-    def _make_request(self, request_id: str, prompt: Any, request: Any, what: str) -> Request:
+    def _default_max_tokens(self, params: SamplingParams, prompt_len: int) -> SamplingParams:
+        """A chat request without max_tokens stops at `limits.default_max_tokens` or at the end of the context."""
+        room = max(self.engine.max_model_len - prompt_len, 1)
+        return dataclasses.replace(params, max_tokens=min(self.limits.default_max_tokens, room))
+
+    def _check_response_size(self, request: Union[CompletionRequest, ChatRequest], num_prompts: int) -> None:
+        """A stream sends each choice's text in chunks of at most all of it; a whole response holds every choice."""
+        params = request.params
+        num_choices = 1 if request.stream else num_prompts * params.n
         try:
-            return self.engine.make_request(request_id, prompt, request.params)
+            self.response_budget.check(num_choices, params.max_tokens, params.logprobs)
+        except ValueError as exc:
+            raise APIError(str(exc), param="max_tokens", code="response_too_large") from None
+
+    def _make_request(self, request_id: str, prompt: Any, request: Any, what: str, timeout: Optional[float]) -> Request:
+        try:
+            return self.engine.make_request(request_id, prompt, request.params, timeout=timeout)
         except ContextLengthError as exc:
             asked = f"{exc.max_tokens} in the completion" if request.params.max_tokens else "at least 1 to generate"
             raise APIError(
@@ -200,6 +233,12 @@ async def _engine_errors(deltas: AsyncIterator[tuple[int, RequestOutput]]) -> As
                 yield item
         except EngineDeadError as exc:
             raise APIError(f"the engine is not running: {exc}", status=503) from None
+        except EngineOverloadedError as exc:
+            raise APIError(str(exc), status=503, code="overloaded", error_type="overloaded_error") from None
+        except RequestTimeoutError as exc:
+            raise APIError(str(exc), status=408, code="timeout", error_type="timeout_error") from None
+        except RequestFailedError as exc:
+            raise APIError(str(exc), status=500) from None
 
 
 async def _collect(deltas: AsyncIterator[tuple[int, RequestOutput]]) -> list[RequestOutput]:

@@ -1,15 +1,40 @@
 """OpenAI request schemas: parsed and checked into engine terms, with OpenAI-style error objects."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
-from engine.sampling_params import MAX_LOGPROBS, SamplingParams
+from engine.sampling_params import MAX_LOGPROBS, MAX_TEMPERATURE, SamplingParams
 
 Prompt = Union[str, list[int]]
-MAX_N = 128
-MAX_TEMPERATURE = 2.0
 CHAT_ROLES = ("system", "developer", "user", "assistant")
+
+
+@dataclass
+class RequestLimits:
+    """What one request may ask for: the model-config's `handler.limits`; each a positive integer."""
+
+    max_choices: int = 128  # prompts x n
+    max_stop: int = 16  # stop strings
+    max_stop_length: int = 256  # characters in one stop string
+    max_generated_tokens: int = 131072  # choices x max_tokens
+    default_max_tokens: int = 1024  # a chat request's max_tokens when it sets none (capped by the context)
+    max_response_bytes: int = 64 * 2**20  # the worst case of one response; TorchServe's max_response_size
+
+    def __post_init__(self) -> None:
+        for item in dataclasses.fields(self):
+            value = getattr(self, item.name)
+            if not _is_int(value) or value < 1:
+                raise ValueError(f"handler.limits.{item.name} must be a positive integer, got {value!r}")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "RequestLimits":
+        known = {item.name for item in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown handler.limits key(s) {unknown}; valid keys: {sorted(known)}")
+        return cls(**values)
 
 
 class APIError(Exception):
@@ -23,10 +48,11 @@ class APIError(Exception):
         code: Optional[str] = None,
         error_type: Optional[str] = None,
     ) -> None:
+        message = _valid_unicode(message)  # it may quote the request, which may hold lone surrogates
         super().__init__(message)
         self.message = message
         self.status = status
-        self.param = param
+        self.param = None if param is None else _valid_unicode(param)
         self.code = code
         self.error_type = error_type or ("invalid_request_error" if status < 500 else "server_error")
 
@@ -41,6 +67,7 @@ class CompletionRequest:
     params: SamplingParams
     stream: bool
     include_usage: bool
+    timeout: Optional[float]
 
 
 @dataclass
@@ -50,6 +77,7 @@ class ChatRequest:
     params: SamplingParams
     stream: bool
     include_usage: bool
+    timeout: Optional[float]
 
 
 def _is_int(value: Any) -> bool:
@@ -86,7 +114,9 @@ SAMPLING_FIELDS = {
     "repetition_penalty": "number", "ignore_eos": "bool", "min_tokens": "int", "stop_token_ids": "int_list",
     "skip_special_tokens": "bool",
 }
-COMMON_FIELDS = {"model": "str", "max_tokens": "int", "stream": "bool", "stream_options": "object", "user": "str"}
+COMMON_FIELDS = {
+    "model": "str", "max_tokens": "int", "stream": "bool", "stream_options": "object", "user": "str", "timeout": "number",
+}
 COMPLETION_FIELDS = {
     "prompt": "any", "logprobs": "int", "echo": "bool", "best_of": "int", "suffix": "str", "logit_bias": "object",
 }
@@ -130,21 +160,22 @@ class _Body:
         return value
 
 
-def parse_completion_request(body: Any) -> CompletionRequest:
+def parse_completion_request(body: Any, limits: RequestLimits) -> CompletionRequest:
     fields = _Body(body, {**COMMON_FIELDS, **SAMPLING_FIELDS, **COMPLETION_FIELDS})
     fields.reject_set("echo", allowed=(False,))
     fields.reject_set("suffix", allowed=("",))
     fields.reject_set("logit_bias", allowed=({},))
+    prompts = _prompts(body.get("prompt"))
     logprobs = fields.in_range("logprobs", 0, MAX_LOGPROBS, None)
-    params = _sampling_params(fields, fields.get("max_tokens", 16), logprobs)
+    params = _sampling_params(fields, fields.get("max_tokens", 16), logprobs, limits, len(prompts))
     best_of = fields.get("best_of")
     if best_of is not None and best_of != params.n:
         raise APIError("best_of other than n is not supported by this server", param="best_of")
     stream, include_usage = _stream_settings(fields)
-    return CompletionRequest(fields.get("model"), _prompts(body.get("prompt")), params, stream, include_usage)
+    return CompletionRequest(fields.get("model"), prompts, params, stream, include_usage, _timeout(fields))
 
 
-def parse_chat_request(body: Any) -> ChatRequest:
+def parse_chat_request(body: Any, limits: RequestLimits) -> ChatRequest:
     fields = _Body(body, {**COMMON_FIELDS, **SAMPLING_FIELDS, **CHAT_FIELDS})
     for name in ("tools", "tool_choice"):
         fields.reject_set(name, allowed=([], "none"))
@@ -155,15 +186,23 @@ def parse_chat_request(body: Any) -> ChatRequest:
     if top_logprobs is not None and not logprobs:
         raise APIError("top_logprobs requires logprobs to be true", param="top_logprobs")
     max_tokens = fields.get("max_completion_tokens", fields.get("max_tokens"))
-    params = _sampling_params(fields, max_tokens, (top_logprobs or 0) if logprobs else None)
+    params = _sampling_params(fields, max_tokens, (top_logprobs or 0) if logprobs else None, limits, 1)
     stream, include_usage = _stream_settings(fields)
     messages = _messages(body.get("messages"))
-    return ChatRequest(fields.get("model"), messages, params, stream, include_usage)
+    return ChatRequest(fields.get("model"), messages, params, stream, include_usage, _timeout(fields))
 
 
-def _sampling_params(fields: _Body, max_tokens: Optional[int], logprobs: Optional[int]) -> SamplingParams:
+def _sampling_params(
+    fields: _Body, max_tokens: Optional[int], logprobs: Optional[int], limits: RequestLimits, num_prompts: int
+) -> SamplingParams:
     fields.in_range("temperature", 0, MAX_TEMPERATURE, None)
-    fields.in_range("n", 1, MAX_N, None)
+    n = fields.get("n", 1)
+    _check_within("max_choices", num_prompts * n, limits.max_choices, f"{num_prompts} prompt(s) x n {n} choices",
+                  param="n" if num_prompts == 1 else "prompt")
+    _check_stop(fields.get("stop"), limits)
+    per_choice = max_tokens or limits.default_max_tokens
+    _check_within("max_generated_tokens", num_prompts * n * per_choice, limits.max_generated_tokens,
+                  f"{num_prompts * n} choice(s) x max_tokens {per_choice} tokens to generate", param="max_tokens")
     values = {name: fields.get(name) for name in SAMPLING_FIELDS}
     values = {name: value for name, value in values.items() if value is not None}
     try:
@@ -171,6 +210,29 @@ def _sampling_params(fields: _Body, max_tokens: Optional[int], logprobs: Optiona
     except ValueError as exc:
         message = str(exc)
         raise APIError(message, param=message.split()[0]) from None
+
+
+def _check_stop(stop: Union[None, str, list[str]], limits: RequestLimits) -> None:
+    stops = [stop] if isinstance(stop, str) else stop or []
+    _check_within("max_stop", len(stops), limits.max_stop, f"{len(stops)} stop strings", param="stop")
+    longest = max(map(len, stops), default=0)
+    _check_within("max_stop_length", longest, limits.max_stop_length, f"a stop string of {longest} characters",
+                  param="stop")
+
+
+def _check_within(limit: str, value: int, maximum: int, what: str, param: str) -> None:
+    if value > maximum:
+        raise APIError(
+            f"this request asks for {what}; this server allows at most {maximum} (handler.limits.{limit})",
+            param=param, code="limit_exceeded",
+        )
+
+
+def _timeout(fields: _Body) -> Optional[float]:
+    timeout = fields.get("timeout")
+    if timeout is not None and not 0 < timeout < float("inf"):
+        raise APIError(f"timeout must be a positive number of seconds, got {timeout}", param="timeout")
+    return timeout
 
 
 def _stream_settings(fields: _Body) -> tuple[bool, bool]:
@@ -248,3 +310,8 @@ def _is_text_part(part: Any) -> bool:
 def _json_type(value: Any) -> str:
     names = {bool: "boolean", int: "integer", float: "number", str: "string", list: "array", dict: "object"}
     return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def _valid_unicode(text: str) -> str:
+    """`text` with every lone surrogate replaced by '?': any reply that quotes it is valid UTF-8."""
+    return text.encode("utf-8", "replace").decode("utf-8")

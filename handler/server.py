@@ -24,10 +24,17 @@ import psutil
 import ts
 
 from handler.metrics import default_metrics_config, write_metrics_config
+from handler.protocol import RequestLimits
 
 TS_HOME = Path(ts.__file__).resolve().parent.parent
 LOG_FILE = "torchserve.log"
 METRICS_FILE = "metrics.yaml"
+REPLY_FRAMING_BYTES = 64 * 1024  # request id, headers and lengths around a reply's body
+
+
+def reply_size_limit(limits: RequestLimits) -> int:
+    """TorchServe's `max_response_size` for a handler whose largest response is `limits.max_response_bytes`."""
+    return limits.max_response_bytes + REPLY_FRAMING_BYTES
 
 
 @dataclass
@@ -36,6 +43,7 @@ class ServerConfig:
     run_dir: Path
     models: dict[str, str] = field(default_factory=dict)  # name -> folder or .mar in model_store, loaded at start
     host: str = "127.0.0.1"
+    metrics_host: str = "127.0.0.1"  # the metrics port stays on loopback unless asked
     inference_port: int = 8080
     management_port: int = 8081
     metrics_port: int = 8082
@@ -43,18 +51,21 @@ class ServerConfig:
     grpc_inference_port: int = 7070
     grpc_management_port: int = 7071
     token_auth: bool = True
+    token_expiration_min: float = 30 * 24 * 60  # TorchServe's own default, 60, expires the printed keys in an hour
     model_api: bool = False
+    # Bytes of one reply from the worker; a larger one makes the frontend restart the worker.
+    max_response_size: int = field(default_factory=lambda: reply_size_limit(RequestLimits()))
     # Model metrics merged with TorchServe's defaults; None: TorchServe's defaults alone (no LLM metrics).
     metrics_config: Optional[Path] = field(default_factory=default_metrics_config)
 
-    def url(self, port: int) -> str:
-        return f"http://{self.host}:{port}"
+    def url(self, port: int, host: Optional[str] = None) -> str:
+        return f"http://{host or self.host}:{port}"
 
     def properties(self) -> dict[str, str]:
         return {
             "inference_address": self.url(self.inference_port),
             "management_address": self.url(self.management_port),
-            "metrics_address": self.url(self.metrics_port),
+            "metrics_address": self.url(self.metrics_port, self.metrics_host),
             "grpc_inference_address": self.host,
             "grpc_management_address": self.host,
             "grpc_inference_port": str(self.grpc_inference_port),
@@ -62,6 +73,8 @@ class ServerConfig:
             "metrics_mode": "prometheus",
             "metrics_config": str(self.run_dir.resolve() / METRICS_FILE),
             "disable_token_authorization": str(not self.token_auth).lower(),
+            "token_expiration_min": str(self.token_expiration_min),
+            "max_response_size": str(self.max_response_size),
             "enable_model_api": str(self.model_api).lower(),
             "model_store": str(self.model_store.resolve()),
             "load_models": ",".join(f"{name}={path}" for name, path in self.models.items()),
@@ -111,7 +124,7 @@ class TorchServeProcess:
 
     @property
     def metrics_url(self) -> str:
-        return self.config.url(self.config.metrics_port)
+        return self.config.url(self.config.metrics_port, self.config.metrics_host)
 
     @property
     def key_file(self) -> Path:
@@ -121,7 +134,10 @@ class TorchServeProcess:
         (self.run_dir / "tmp").mkdir(parents=True, exist_ok=True)
         write_metrics_config(self.config.metrics_config, self.run_dir / METRICS_FILE)
         properties = write_config_properties(self.config)
-        env = {**os.environ, "LOG_LOCATION": str(self.run_dir / "logs"), "METRICS_LOCATION": str(self.run_dir / "logs")}
+        env = {
+            **os.environ, "LOG_LOCATION": str(self.run_dir / "logs"), "METRICS_LOCATION": str(self.run_dir / "logs"),
+            "TS_DECODE_INPUT_REQUEST": "false",  # the worker forwards bodies as bytes; handler.json_body parses them
+        }
         log = self._exit_stack.enter_context(self.log_path.open("ab"))
         # A session of its own: Ctrl-C in a terminal reaches only us, and we stop the frontend in order.
         self.process = subprocess.Popen(

@@ -11,14 +11,29 @@ from typing import Any, Optional
 def http(url: str, body: Any = None, raw: Optional[bytes] = None, method: Optional[str] = None,
          headers: Optional[dict[str, str]] = None) -> tuple[int, Any]:
     """(status, parsed JSON or text). `body` is sent as JSON; `raw` as is."""
+    status, payload = http_bytes(url, body, raw, method, headers)
+    return status, _parse(payload)
+
+
+def http_bytes(url: str, body: Any = None, raw: Optional[bytes] = None, method: Optional[str] = None,
+               headers: Optional[dict[str, str]] = None) -> tuple[int, bytes]:
+    """(status, the response body's bytes as sent)."""
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
     all_headers = {"Content-Type": "application/json", **(headers or {})}
     request = urllib.request.Request(url, data=data, method=method, headers=all_headers)
     try:
         with urllib.request.urlopen(request, timeout=300) as response:
-            return response.status, _parse(response.read())
+            return response.status, response.read()
     except urllib.error.HTTPError as error:
-        return error.code, _parse(error.read())
+        return error.code, error.read()
+
+
+def worker_pid(management_url: str, model: str, version: str) -> int:
+    """The pid of the model's one TorchServe worker (a restart changes it)."""
+    status, described = http(f"{management_url}/models/{model}/{version}", method="GET")
+    assert status == 200, described
+    [worker] = described[0]["workers"]
+    return worker["pid"]
 
 
 def management_call(management_url: str, method: str, path: str) -> tuple[int, Any]:
