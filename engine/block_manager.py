@@ -1,8 +1,10 @@
 """KV-cache block accounting: free list, reference counts and automatic prefix caching.
 
-A full block is identified by a chained hash of (parent block hash, its token ids). A block whose
-last reference is dropped keeps its hash and stays hittable until it is handed out again; free
-blocks are handed out least recently freed first, so cached blocks are evicted in LRU order.
+A full block is identified by a chained hash of (parent block hash, its token ids). It becomes
+hittable only once its KV exists: `cache_computed_blocks`, called after the step that computed it,
+so a step that fails leaves nothing hittable that was never written. A block whose last reference
+is dropped keeps its hash and stays hittable until it is handed out again; free blocks are handed
+out least recently freed first, so cached blocks are evicted in LRU order.
 """
 from __future__ import annotations
 
@@ -73,8 +75,21 @@ class BlockManager:
         if is_new:
             self._take_prefix(seq, cached_prefix)
         seq.block_table.extend(self._pop_free_block() for _ in range(num_needed))
-        self._cache_full_blocks(seq, seq.num_computed_tokens + num_new_tokens)
         return True
+
+    def cache_computed_blocks(self, seq: Sequence) -> None:
+        """Make `seq`'s full blocks hittable up to `seq.num_computed_tokens`: call once their step has run."""
+        if not self.enable_prefix_caching:
+            return
+        num_full = seq.num_computed_tokens // self.block_size
+        for index in range(seq.num_hashed_blocks, num_full):
+            parent = self.blocks[seq.block_table[index - 1]].block_hash if index else None
+            block = self.blocks[seq.block_table[index]]
+            start = index * self.block_size
+            block.key = (parent, tuple(seq.token_ids[start : start + self.block_size]))
+            block.block_hash = hash(block.key)
+            self.cached_blocks.setdefault(block.block_hash, block)
+        seq.num_hashed_blocks = num_full
 
     def free(self, seq: Sequence) -> None:
         for block_id in reversed(seq.block_table):
@@ -105,6 +120,7 @@ class BlockManager:
                 del self.free_blocks[block_id]
             block.ref_count += 1
         seq.block_table = list(cached_prefix)
+        seq.num_hashed_blocks = len(cached_prefix)
         seq.num_computed_tokens = seq.num_cached_tokens = len(cached_prefix) * self.block_size
         if self.enable_prefix_caching:
             self.prefix_cache_queries += seq.num_tokens
@@ -118,16 +134,3 @@ class BlockManager:
         block.block_hash = block.key = None
         block.ref_count = 1
         return block_id
-
-    def _cache_full_blocks(self, seq: Sequence, num_tokens: int) -> None:
-        if not self.enable_prefix_caching:
-            return
-        for index in range(seq.num_hashed_blocks, num_tokens // self.block_size):
-            parent = self.blocks[seq.block_table[index - 1]].block_hash if index else None
-            block = self.blocks[seq.block_table[index]]
-            if block.block_hash is None:
-                start = index * self.block_size
-                block.key = (parent, tuple(seq.token_ids[start : start + self.block_size]))
-                block.block_hash = hash(block.key)
-                self.cached_blocks.setdefault(block.block_hash, block)
-        seq.num_hashed_blocks = max(seq.num_hashed_blocks, num_tokens // self.block_size)

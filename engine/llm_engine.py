@@ -119,6 +119,7 @@ class LLMEngine:
         sampled_seqs, sampled = self._execute(scheduled)
         for item in scheduled:
             item.seq.num_computed_tokens += item.num_new_tokens
+            self.block_manager.cache_computed_blocks(item.seq)
         for seq, token_id, logprobs in zip(sampled_seqs, sampled.token_ids, sampled.logprobs):
             self._append_token(seq, token_id, logprobs)
         return self._collect_outputs(sampled_seqs)

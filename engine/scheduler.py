@@ -2,12 +2,15 @@
 
 A step spends at most `max_num_batched_tokens` tokens, so long prompts are prefilled in chunks that
 share a step with running decodes. When the KV cache runs out, the newest running sequence is
-preempted: its blocks are freed and it is recomputed later from its tokens.
+preempted: its blocks are freed and it is recomputed later from its tokens. With prefix caching, a
+sibling (n > 1) waits while another sequence of its request prefills their prompt, then joins with
+the prompt's blocks as a cache hit (blocks are hittable only once computed).
 """
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from typing import Optional
 
 from engine.block_manager import BlockManager
 from engine.sequence import Sequence, SequenceStatus
@@ -77,18 +80,34 @@ class Scheduler:
     def _schedule_waiting(self, budget: int) -> list[ScheduledSeq]:
         scheduled: list[ScheduledSeq] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
-            cached_prefix = self.block_manager.find_cached_prefix(seq)
-            num_cached = len(cached_prefix) * self.block_manager.block_size
-            num_new = min(seq.num_tokens - num_cached, budget)
-            if not self.block_manager.allocate(seq, num_new, cached_prefix):
+            item = self._admit(self.waiting[0], budget)
+            if item is None:
                 break
-            self.waiting.popleft()
-            seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
-            scheduled.append(ScheduledSeq(seq, num_new))
-            budget -= num_new
+            scheduled.append(item)
+            budget -= item.num_new_tokens
         return scheduled
+
+    def _admit(self, seq: Sequence, budget: int) -> Optional[ScheduledSeq]:
+        """Move `seq`, the queue's head, to running with blocks for up to `budget` tokens; None if it must wait."""
+        if self._waits_for_sibling_prefill(seq):
+            return None
+        cached_prefix = self.block_manager.find_cached_prefix(seq)
+        num_new = min(seq.num_tokens - len(cached_prefix) * self.block_manager.block_size, budget)
+        if not self.block_manager.allocate(seq, num_new, cached_prefix):
+            return None
+        self.waiting.popleft()
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+        return ScheduledSeq(seq, num_new)
+
+    def _waits_for_sibling_prefill(self, seq: Sequence) -> bool:
+        """True while another sequence of its request prefills the prompt: its blocks become hits once computed."""
+        if not self.block_manager.enable_prefix_caching or seq.num_prompt_tokens <= self.block_manager.block_size:
+            return False
+        return any(
+            other.status == SequenceStatus.RUNNING and other.num_computed_tokens < other.num_prompt_tokens
+            for other in seq.request.seqs
+        )
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

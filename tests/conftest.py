@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
+import random
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -13,8 +14,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # the Triton kernels run on the CPU, before anything imports them
 
-from engine import LLM
+from engine import LLM, RequestOutput, SamplingParams
 from engine.loader import default_model_path
+from engine.sequence import Request, Sequence
 from handler.model_store import build_archive
 from handler.server import ServedModel
 from ts_server import STARTUP_TIMEOUT, small_model_config, torchserve_process
@@ -132,6 +134,25 @@ def track_engine(live: Any) -> Any:
     """Include an engine built outside `llm_factory` in the after-test block check."""
     _live_engines.append(live)
     return live
+
+
+def random_prompts(count: int, min_len: int, max_len: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(100, 49000) for _ in range(rng.randint(min_len, max_len))] for _ in range(count)]
+
+
+def token_ids(outputs: list[RequestOutput]) -> list[list[int]]:
+    """Each request's first completion's token ids."""
+    return [out.outputs[0].token_ids for out in outputs]
+
+
+def make_request(prompt_token_ids: list[int], n: int = 1) -> Request:
+    """A request that never enters an engine, for tests that drive the block manager or scheduler by hand."""
+    return Request(f"r{id(prompt_token_ids)}", None, prompt_token_ids, SamplingParams(n=n))
+
+
+def make_seq(prompt_token_ids: list[int]) -> Sequence:
+    return make_request(prompt_token_ids).seqs[0]
 
 
 @pytest.fixture(scope="session")

@@ -1,21 +1,19 @@
 """KV block accounting: reference counts, chained prefix hashes, LRU eviction of freed cached blocks."""
 from __future__ import annotations
 
+from conftest import make_seq
 from engine.block_manager import BlockManager
-from engine.sampling_params import SamplingParams
-from engine.sequence import Request, Sequence
-
-
-def make_seq(token_ids: list[int]) -> Sequence:
-    return Request(f"r{id(token_ids)}", None, token_ids, SamplingParams()).seqs[0]
+from engine.sequence import Sequence
 
 
 def admit(manager: BlockManager, seq: Sequence) -> bool:
+    """Allocate for all of `seq` and commit it, as a step that computes the whole sequence does."""
     prefix = manager.find_cached_prefix(seq)
     num_new = seq.num_tokens - len(prefix) * manager.block_size
     ok = manager.allocate(seq, num_new, prefix)
     if ok:
         seq.num_computed_tokens = seq.num_tokens
+        manager.cache_computed_blocks(seq)
     return ok
 
 

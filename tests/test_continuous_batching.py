@@ -1,22 +1,12 @@
 """Batched generation (chunked prefill, prefix caching, preemption) gives what each prompt gives alone."""
 from __future__ import annotations
 
-import random
-
 import pytest
 
+from conftest import random_prompts, token_ids
 from engine import SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
-
-
-def random_prompts(count: int, min_len: int, max_len: int, seed: int = 0) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(100, 49000) for _ in range(rng.randint(min_len, max_len))] for _ in range(count)]
-
-
-def token_ids(outputs) -> list[list[int]]:
-    return [out.outputs[0].token_ids for out in outputs]
 
 
 @pytest.fixture(scope="module")
