@@ -1,7 +1,7 @@
 """pagedserve's in-process LLM engine: paged KV cache, continuous batching, prefix caching."""
 from engine.async_engine import AsyncLLMEngine
 from engine.config import EngineConfig
-from engine.errors import EngineDeadError
+from engine.errors import EngineDeadError, EngineOverloadedError, RequestFailedError, RequestTimeoutError
 from engine.llm import LLM
 from engine.llm_engine import ContextLengthError, LLMEngine
 from engine.outputs import CompletionOutput, Logprob, RequestOutput
@@ -13,9 +13,12 @@ __all__ = [
     "ContextLengthError",
     "EngineConfig",
     "EngineDeadError",
+    "EngineOverloadedError",
     "LLM",
     "LLMEngine",
     "Logprob",
+    "RequestFailedError",
     "RequestOutput",
+    "RequestTimeoutError",
     "SamplingParams",
 ]

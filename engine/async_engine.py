@@ -6,10 +6,10 @@ import logging
 import threading
 import time
 from collections import deque
-from typing import Any, AsyncIterator, Callable, Optional
+from typing import Any, AsyncIterator, Callable, Optional, Union
 
 from engine.config import EngineConfig
-from engine.errors import EngineDeadError
+from engine.errors import EngineDeadError, EngineOverloadedError
 from engine.llm_engine import LLMEngine, Prompt
 from engine.metrics import EngineStats, StatLogger
 from engine.outputs import RequestOutput
@@ -18,9 +18,12 @@ from engine.sequence import Request
 
 logger = logging.getLogger(__name__)
 
+Command = Union[Request, str]  # a request to add, or the id of a request to abort
+
 
 class _Stream:
-    def __init__(self) -> None:
+    def __init__(self, request: Request) -> None:
+        self.request = request
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[Any] = asyncio.Queue()
         self.error: Optional[BaseException] = None
@@ -52,10 +55,10 @@ class AsyncLLMEngine:
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
         self._streams: dict[str, _Stream] = {}
-        self._to_add: deque[Request] = deque()
-        self._to_abort: deque[str] = deque()
+        self._commands: deque[Command] = deque()  # the step thread applies them in the order they were given
         self._wakeup = threading.Event()
         self._stopped = False
+        self._num_running = 0  # requests in the running batch, published by the step thread
         self._stat_loggers: list[StatLogger] = []
         self._death_callbacks: list[Callable[[EngineDeadError], None]] = []
         self._fatal_error: Optional[EngineDeadError] = None
@@ -81,27 +84,28 @@ class AsyncLLMEngine:
     def max_model_len(self) -> int:
         return self.engine.max_model_len
 
-    def make_request(self, request_id: str, prompt: Prompt, params: Optional[SamplingParams] = None) -> Request:
-        """Validate and tokenize with no state touched; ValueError names what is wrong."""
-        return self.engine.make_request(request_id, prompt, params)
+    def make_request(
+        self, request_id: str, prompt: Prompt, params: Optional[SamplingParams] = None, timeout: Optional[float] = None
+    ) -> Request:
+        """Validate and tokenize with no state touched; ValueError names what is wrong. A request still unfinished
+        `timeout` seconds from now is aborted, and its stream raises RequestTimeoutError."""
+        return self.engine.make_request(request_id, prompt, params, timeout)
 
     async def generate(
-        self, request_id: str, prompt: Prompt, params: Optional[SamplingParams] = None
+        self, request_id: str, prompt: Prompt, params: Optional[SamplingParams] = None, timeout: Optional[float] = None
     ) -> AsyncIterator[RequestOutput]:
-        """Yield output deltas until the request finishes; leaving the loop early aborts it."""
-        async for output in self.stream(self.make_request(request_id, prompt, params)):
+        """Yield output deltas until the request finishes; leaving the loop early aborts it. Raises as `stream`."""
+        async for output in self.stream(self.make_request(request_id, prompt, params, timeout)):
             yield output
 
     async def stream(self, request: Request) -> AsyncIterator[RequestOutput]:
-        """Run a request from `make_request`, yielding its deltas; leaving the loop early aborts it."""
-        request_id = request.request_id
-        if self._stopped:
-            raise self._fatal_error or EngineDeadError("the engine is shut down")
-        if request_id in self._streams:
-            raise ValueError(f"request_id {request_id!r} is already in use")
-        stream = self._streams[request_id] = _Stream()
-        self._to_add.append(request)
-        self._wakeup.set()
+        """Run a request from `make_request`, yielding its deltas; leaving the loop early aborts it.
+
+        Before anything is queued it raises EngineDeadError once the engine has stopped, and EngineOverloadedError
+        while `max_num_waiting` requests wait. A request that ends early raises after the deltas that came before:
+        RequestTimeoutError past its timeout, RequestFailedError when its own sampling or token handling failed.
+        """
+        stream = self._open_stream(request)
         finished = False
         try:
             while not finished:
@@ -109,13 +113,13 @@ class AsyncLLMEngine:
                 finished = output.finished
                 yield output
         finally:
-            self._streams.pop(request_id, None)
+            self._streams.pop(request.request_id, None)
             if not finished:
-                self.abort(request_id)
+                self.abort(request.request_id)
 
     def abort(self, request_id: str) -> None:
         """Abort at the start of the next step; the request's blocks are freed then."""
-        self._to_abort.append(request_id)
+        self._commands.append(request_id)
         self._wakeup.set()
 
     def stats(self) -> EngineStats:
@@ -130,7 +134,8 @@ class AsyncLLMEngine:
         self._stat_loggers.append(stat_logger)
 
     def add_death_callback(self, callback: Callable[[EngineDeadError], None]) -> None:
-        """Call `callback(error)` from the step thread if the engine fails for good (a tensor-parallel worker died).
+        """Call `callback(error)` from the step thread if the engine fails for good (a tensor-parallel worker died,
+        or a step raised anything but one request's own failure).
 
         By then every running request has been failed with that error, and new ones are refused with it.
         """
@@ -140,38 +145,64 @@ class AsyncLLMEngine:
         self._stopped = True
         self._wakeup.set()
         self._thread.join()
-        for request_id in list(self.engine.requests):
-            self.engine.abort(request_id)
-        for stream in self._streams.values():
-            stream.put(EngineDeadError("the engine was shut down"))
-        self.engine.shutdown()
+        self._close(EngineDeadError("the engine was shut down"))
+
+    def _open_stream(self, request: Request) -> _Stream:
+        """Register the request's stream and queue the request, unless the engine refuses it."""
+        request_id = request.request_id
+        if request_id in self._streams:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        num_waiting = len(self._streams) - self._num_running
+        stream = self._streams[request_id] = _Stream(request)
+        refusal = self._refusal(num_waiting)  # after registering: a dying step thread stops first, then fails streams
+        if refusal is not None:
+            del self._streams[request_id]
+            raise refusal
+        self._commands.append(request)
+        self._wakeup.set()
+        return stream
+
+    def _refusal(self, num_waiting: int) -> Optional[Exception]:
+        """Why a new request cannot be taken, or None. `num_waiting` (open streams less the requests running) lags
+        the step thread by up to one step: a request that started, finished or left since may count wrongly."""
+        if self._stopped:
+            return self._fatal_error or EngineDeadError("the engine is shut down")
+        if num_waiting >= self.engine.config.max_num_waiting:
+            return EngineOverloadedError(self.engine.config.max_num_waiting)
+        return None
 
     def _run(self) -> None:
-        while not self._stopped:
-            self._wakeup.clear()
-            if self._fatal_error is not None:
-                self._die(self._fatal_error)
-                return
-            self._apply_commands()
-            busy = self.engine.has_unfinished_requests()
-            if busy:
-                self._step()
-            if self._seconds_to_stats() == 0.0:
-                self._log_stats()
-            if not busy:
-                self._wakeup.wait(self._seconds_to_stats())
+        """The step thread. An exception out of the loop leaves the engine's state untrusted, so the engine dies."""
+        try:
+            while not self._stopped:
+                self._run_once()
+        except EngineDeadError as error:
+            self._die(error)
+        except Exception as exc:
+            logger.exception("the engine's step thread failed")
+            error = EngineDeadError(f"the engine failed and was stopped, as its state cannot be trusted: {exc!r}")
+            error.__cause__ = exc
+            self._die(error)
+
+    def _run_once(self) -> None:
+        """Apply commands, then step; sleep only with no request in the engine (none waits for a deadline then)."""
+        self._wakeup.clear()
+        if self._fatal_error is not None:
+            raise self._fatal_error
+        self._apply_commands()
+        self._num_running = self.engine.num_running_requests()
+        busy = self.engine.has_unfinished_requests()
+        if busy:
+            self._step()
+        if self._seconds_to_stats() == 0.0:
+            self._log_stats()
+        if not busy:
+            self._wakeup.wait(self._seconds_to_stats())
 
     def _step(self) -> None:
         self._stats_pending = True
-        try:
-            outputs = self.engine.step()
-        except EngineDeadError as exc:
-            self._die(exc)
-            return
-        except Exception as exc:
-            logger.exception("engine step failed; aborting its requests")
-            self._fail_all(exc)
-            return
+        outputs = self.engine.step()
+        self._num_running = self.engine.num_running_requests()  # before the outputs, which let consumers go on
         for output in outputs:
             self._deliver(output)
 
@@ -192,20 +223,29 @@ class AsyncLLMEngine:
                 logger.exception("stat logger %r failed", stat_logger)
 
     def _apply_commands(self) -> None:
-        self._stats_pending = self._stats_pending or bool(self._to_add or self._to_abort)
-        while self._to_add:
-            request = self._to_add.popleft()
-            if request.request_id in self._streams:
-                self.engine.add_request(request)
-        while self._to_abort:
-            output = self.engine.abort(self._to_abort.popleft())
-            if output is not None:
-                self._deliver(output)
+        self._stats_pending = self._stats_pending or bool(self._commands)
+        while self._commands:
+            command = self._commands.popleft()
+            if isinstance(command, Request):
+                self._add(command)
+            else:
+                self._abort_now(command)
+
+    def _add(self, request: Request) -> None:
+        stream = self._streams.get(request.request_id)
+        if stream is not None and stream.request is request:  # else its consumer left before it could be added
+            self.engine.add_request(request)
+
+    def _abort_now(self, request_id: str) -> None:
+        output = self.engine.abort(request_id)
+        if output is not None:
+            self._deliver(output)
 
     def _deliver(self, output: RequestOutput) -> None:
+        """Hand `output` to its stream; a request that ended early hands over its failure instead of its end."""
         stream = self._streams.get(output.request_id)
         if stream is not None:
-            stream.put(output)
+            stream.put(stream.request.failure or output)
 
     def _worker_died(self, error: EngineDeadError) -> None:
         self._fatal_error = error
@@ -215,17 +255,23 @@ class AsyncLLMEngine:
         logger.error("the engine has failed for good: %s", error)
         self._fatal_error = error
         self._stopped = True
-        for request_id in list(self.engine.requests):
-            self.engine.abort(request_id)
-        for stream in list(self._streams.values()):  # requests not yet added to the engine too
-            stream.put(error)
-        self.engine.shutdown()
+        try:
+            self._close(error)
+        except Exception:
+            logger.exception("freeing the failed engine's requests failed too")
         for callback in self._death_callbacks:
-            callback(error)
+            try:
+                callback(error)
+            except Exception:
+                logger.exception("death callback %r failed", callback)
 
-    def _fail_all(self, exc: Exception) -> None:
-        for request_id in list(self.engine.requests):
-            self.engine.abort(request_id)
-            stream = self._streams.get(request_id)
-            if stream is not None:
-                stream.put(exc)
+    def _close(self, error: EngineDeadError) -> None:
+        """The one way every request ends when the engine stops: each stream raises `error` (those of requests not
+        yet added too), the engine's requests are aborted, which frees their blocks, and its ranks are stopped."""
+        for stream in list(self._streams.values()):
+            stream.put(error)
+        try:
+            for request_id in list(self.engine.requests):
+                self.engine.abort(request_id)
+        finally:
+            self.engine.shutdown()

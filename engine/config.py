@@ -26,6 +26,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     max_model_len: Optional[int] = None
     max_num_seqs: int = 256
+    max_num_waiting: int = 256  # AsyncLLMEngine refuses new requests (EngineOverloadedError) while this many wait
     max_num_batched_tokens: int = 2048
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"  # engine.kernel_backend.select_backend: Triton on CUDA, native kernels on CPU
@@ -43,7 +44,9 @@ class EngineConfig:
             raise ValueError(f"enforce_eager must be true or false, got {self.enforce_eager!r}")
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
-        _require_positive(self, "block_size", "max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size")
+        _require_positive(
+            self, "block_size", "max_num_seqs", "max_num_waiting", "max_num_batched_tokens", "tensor_parallel_size"
+        )
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
         _require_positive_number(self, "kv_cache_memory_gb", "stats_interval_s")
@@ -64,7 +67,7 @@ class EngineConfig:
 def _require_positive(config: EngineConfig, *names: str) -> None:
     for name in names:
         value = getattr(config, name)
-        if not isinstance(value, int) or value < 1:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 

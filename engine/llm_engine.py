@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from typing import Callable, Optional, Union
 
@@ -9,13 +10,13 @@ from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.detokenizer import Detokenizer
 from engine.distributed import TPGroup, check_devices, rank_device
-from engine.errors import EngineDeadError
+from engine.errors import EngineDeadError, RequestFailedError, RequestTimeoutError
 from engine.layers.sharding import check_tp_size
 from engine.loader import ModelSource, read_model_config, resolve_model
 from engine.metrics import EngineStats, RequestCounters
-from engine.model_runner import ModelRunner
+from engine.model_runner import ModelRunner, SampledStep
 from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from engine.sampler import SamplerOutput, TokenLogprobs
+from engine.sampler import TokenLogprobs
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledSeq, Scheduler
 from engine.sequence import Request, Sequence
@@ -76,16 +77,21 @@ class LLMEngine:
                     raise RuntimeError(self.workers.failure("at startup")) from exc
             raise
 
-    def make_request(self, request_id: str, prompt: Prompt, params: Optional[SamplingParams] = None) -> Request:
-        """Validate and tokenize without touching engine state; ValueError names what is wrong."""
+    def make_request(
+        self, request_id: str, prompt: Prompt, params: Optional[SamplingParams] = None, timeout: Optional[float] = None
+    ) -> Request:
+        """Validate and tokenize without touching engine state; ValueError names what is wrong. A request still
+        unfinished `timeout` seconds from now is aborted with finish_reason "timeout"."""
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling params must be SamplingParams, got {type(params).__name__}")
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
+        _check_timeout(timeout)
+        self._check_vocabulary_bounds(params)
         prompt_text, token_ids = self._tokenize(prompt)
         self._check_length(len(token_ids), params)
-        return Request(request_id, prompt_text, token_ids, params)
+        return Request(request_id, prompt_text, token_ids, params, timeout)
 
     def add_request(self, request: Request) -> None:
         if request.request_id in self.requests:
@@ -96,33 +102,31 @@ class LLMEngine:
 
     def abort(self, request_id: str) -> Optional[RequestOutput]:
         """Finish the request with reason "abort" and free its blocks now; its final delta, if it was live."""
-        request = self.requests.pop(request_id, None)
-        if request is None:
-            return None
-        for seq in request.seqs:
-            if not seq.is_finished:
-                self.scheduler.finish(seq, "abort")
-        self.counters.finish(request)
-        return self._make_output(request, request.seqs)
+        request = self.requests.get(request_id)
+        return None if request is None else self._finish_now(request, "abort")
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
+    def num_running_requests(self) -> int:
+        """Requests with a sequence in the running batch; for the thread that steps the engine."""
+        return _count_requests(self.scheduler.running)
+
     def step(self) -> list[RequestOutput]:
+        """Abort the requests past their deadline, then run one scheduled step; the output deltas of both."""
+        expired = self._abort_expired()
         scheduled = self.scheduler.schedule()
         if not scheduled:
-            return []
+            return expired
         now = time.monotonic()
         for item in scheduled:
             times = item.seq.request.times
             times.first_scheduled = times.first_scheduled or now
-        sampled_seqs, sampled = self._execute(scheduled)
+        step = self._execute(scheduled)
         for item in scheduled:
             item.seq.num_computed_tokens += item.num_new_tokens
             self.block_manager.cache_computed_blocks(item.seq)
-        for seq, token_id, logprobs in zip(sampled_seqs, sampled.token_ids, sampled.logprobs):
-            self._append_token(seq, token_id, logprobs)
-        return self._collect_outputs(sampled_seqs)
+        return expired + self._take_sampled(step)
 
     def shutdown(self) -> None:
         """Stop the tensor-parallel workers, if any; the engine cannot step afterwards."""
@@ -134,7 +138,7 @@ class LLMEngine:
         if self.workers is not None:
             self.workers.watch(lambda message: on_death(EngineDeadError(message)))
 
-    def _execute(self, scheduled: list[ScheduledSeq]) -> tuple[list[Sequence], SamplerOutput]:
+    def _execute(self, scheduled: list[ScheduledSeq]) -> SampledStep:
         """Run the step; with several ranks any failure leaves them out of step, so the engine is dead."""
         try:
             return self.runner.execute(scheduled)
@@ -158,6 +162,57 @@ class LLMEngine:
             generation_tokens=self.counters.generation_tokens,
             blocks=blocks,
         )
+
+    def _take_sampled(self, step: SampledStep) -> list[RequestOutput]:
+        """Append each sampled token; a request whose sampling or token handling raised ends alone, with "error"."""
+        outputs: list[RequestOutput] = []
+        for seq, exc in step.failures:
+            failure = RequestFailedError(f"sampling failed for this request: {exc}")
+            outputs += self._end_early(seq.request, "error", failure)
+        for seq, token_id, logprobs in zip(step.seqs, step.sampled.token_ids, step.sampled.logprobs):
+            outputs += self._append_token_or_fail(seq, token_id, logprobs)
+        return outputs + self._collect_outputs([seq for seq in step.seqs if seq.request.failure is None])
+
+    def _append_token_or_fail(
+        self, seq: Sequence, token_id: int, logprobs: Optional[TokenLogprobs]
+    ) -> list[RequestOutput]:
+        """[] unless handling the token raised: then the final output of its request, failed."""
+        if seq.is_finished:  # its request has failed on another of its sequences
+            return []
+        try:
+            self._append_token(seq, token_id, logprobs)
+        except Exception as exc:
+            logger.exception("handling token %d of request %r failed", token_id, seq.request.request_id)
+            failure = RequestFailedError(f"handling its sampled token failed for this request: {exc}")
+            return self._end_early(seq.request, "error", failure)
+        return []
+
+    def _abort_expired(self) -> list[RequestOutput]:
+        """Finish every request past its deadline with reason "timeout"; their final outputs."""
+        now = time.monotonic()
+        outputs: list[RequestOutput] = []
+        for request in list(self.requests.values()):
+            if request.deadline is not None and request.deadline <= now:
+                outputs += self._end_early(request, "timeout", RequestTimeoutError(request.timeout))
+        return outputs
+
+    def _end_early(self, request: Request, reason: str, failure: Exception) -> list[RequestOutput]:
+        """Finish a live request with `reason` ("error" or "timeout"): [its final output], whose stream raises
+        `failure`; [] if it has ended already (another of its sequences failed first)."""
+        if request.failure is not None:
+            return []
+        logger.warning("request %r ended with finish_reason %r: %s", request.request_id, reason, failure)
+        request.failure = failure
+        return [self._finish_now(request, reason)]
+
+    def _finish_now(self, request: Request, reason: str) -> RequestOutput:
+        """Finish the request's unfinished sequences with `reason`, free its blocks and drop it; its final delta."""
+        del self.requests[request.request_id]
+        for seq in request.seqs:
+            if not seq.is_finished:
+                self.scheduler.finish(seq, reason)
+        self.counters.finish(request)
+        return self._make_output(request, request.seqs)
 
     def _append_token(self, seq: Sequence, token_id: int, logprobs: Optional[TokenLogprobs]) -> None:
         seq.token_ids.append(token_id)
@@ -234,6 +289,18 @@ class LLMEngine:
         max_tokens = params.max_tokens or 1
         if prompt_len + max_tokens > self.max_model_len:
             raise ContextLengthError(prompt_len, max_tokens, self.max_model_len)
+        if params.min_tokens > self.max_model_len:
+            raise ValueError(f"min_tokens must be <= max_model_len ({self.max_model_len}), got {params.min_tokens}")
+
+    def _check_vocabulary_bounds(self, params: SamplingParams) -> None:
+        vocab_size = self.model_config.vocab_size
+        if params.top_k > vocab_size:
+            raise ValueError(
+                f"top_k must be -1 (disabled) or in [1, {vocab_size}] (the vocabulary size), got {params.top_k}"
+            )
+        for token_id in params.stop_token_ids:
+            if token_id >= vocab_size:
+                raise ValueError(f"stop_token_ids must be in [0, {vocab_size}) (the vocabulary size), got {token_id}")
 
     def _model_max_len(self) -> int:
         limit = self.model_config.max_position_embeddings
@@ -254,6 +321,15 @@ class LLMEngine:
             )
         logger.warning("max_model_len lowered from %d to the KV cache capacity %d", model_max_len, capacity)
         return capacity
+
+
+def _check_timeout(timeout: Optional[float]) -> None:
+    """None, or seconds: a range check, which rejects NaN, infinities and integers too large for a float too."""
+    if timeout is None:
+        return
+    is_number = isinstance(timeout, (int, float)) and not isinstance(timeout, bool)
+    if not is_number or not 0 < timeout <= sys.float_info.max:
+        raise ValueError(f"timeout must be a finite number of seconds > 0, got {timeout!r}")
 
 
 def _count_requests(seqs: list[Sequence]) -> int:

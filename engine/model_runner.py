@@ -6,6 +6,7 @@ ranks). Rank 0 builds each step's inputs and sends them to the others, which onl
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -22,6 +23,21 @@ from engine.sequence import Sequence
 from engine.step_inputs import StepInputs
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SampledStep:
+    """What a step sampled: a token (and logprobs) for each of `seqs`, and the sequences whose sampling raised."""
+
+    seqs: list[Sequence] = field(default_factory=list)
+    sampled: SamplerOutput = field(default_factory=lambda: SamplerOutput([], []))
+    failures: list[tuple[Sequence, Exception]] = field(default_factory=list)
+
+    def add(self, seq: Sequence, sampled: SamplerOutput) -> None:
+        """Append what was sampled for `seq` alone."""
+        self.seqs.append(seq)
+        self.sampled.token_ids += sampled.token_ids
+        self.sampled.logprobs += sampled.logprobs
 
 
 class ModelRunner:
@@ -52,17 +68,34 @@ class ModelRunner:
         return 2 * len(attention) * block_size * attention[0].num_kv_heads * attention[0].head_dim * element_size
 
     @torch.inference_mode()
-    def execute(self, batch: list[ScheduledSeq]) -> tuple[list[Sequence], SamplerOutput]:
-        """Rank 0: run one step; return the sequences that got a new token and what was sampled for them."""
+    def execute(self, batch: list[ScheduledSeq]) -> SampledStep:
+        """Rank 0: run one step; what was sampled for the sequences that complete their known tokens."""
         batch = sorted(batch, key=lambda item: item.num_new_tokens != 1)
         inputs = self._prepare_inputs(batch)
         if self.tp.size > 1:
             inputs.send(self.tp)
         logits = self.run(inputs)
         if logits is None:
-            return [], SamplerOutput([], [])
-        to_sample = [item.seq for item in batch if item.completes_prompt]
-        return to_sample, self.sampler(logits, to_sample)
+            return SampledStep()
+        return self._sample(logits, [item.seq for item in batch if item.completes_prompt])
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampledStep:
+        """The whole batch at once; only if that raises, each sequence alone from the same logits, so that a
+        sequence whose parameters break the sampler fails by itself."""
+        try:
+            return SampledStep(seqs, self.sampler(logits, seqs))
+        except Exception:
+            logger.exception("sampling a batch of %d sequences failed; sampling each alone", len(seqs))
+        return self._sample_each(logits, seqs)
+
+    def _sample_each(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampledStep:
+        step = SampledStep()
+        for row, seq in enumerate(seqs):
+            try:
+                step.add(seq, self.sampler(logits[row : row + 1], [seq]))
+            except Exception as exc:
+                step.failures.append((seq, exc))
+        return step
 
     @torch.inference_mode()
     def run(self, inputs: StepInputs) -> Optional[torch.Tensor]:

@@ -33,10 +33,11 @@ class Sampler:
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
+        """One token per row of `logits` (one row per sequence); `logits` is left as it was."""
         if all(_plain_greedy(seq) for seq in seqs):
             # max(...).indices, like argmax, picks the first of tied maxima, and is twice as fast on bfloat16.
             return SamplerOutput(logits[:, : self.vocab_size].max(dim=-1).indices.tolist(), [None] * len(seqs))
-        logits = logits[:, : self.vocab_size].float()
+        logits = logits[:, : self.vocab_size].to(torch.float32, copy=True)  # penalties and bans write into it
         raw_logprobs = logits.log_softmax(dim=-1) if any(s.params.logprobs is not None for s in seqs) else None
         logits = self._apply_penalties(logits, seqs)
         logits = self._apply_min_tokens(logits, seqs)

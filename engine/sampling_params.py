@@ -1,10 +1,22 @@
-"""Per-request sampling parameters, validated on construction."""
+"""Per-request sampling parameters, validated on construction.
+
+Every bound is a range check, so NaN, infinities and integers too large for a float are rejected with the rest.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 MAX_LOGPROBS = 20
+# Below this the sampler's float32 logits / temperature overflow to inf (1e-40 is subnormal in float32; 1e-46 is 0)
+# and softmax turns them into NaN.
+MIN_TEMPERATURE = 0.01
+MAX_TEMPERATURE = 2.0
+# A seen token's positive logit is divided by the penalty, a negative one multiplied: at 2 already halved or doubled
+# (CTRL, which introduced the penalty, used 1.2). The bound also keeps the factor finite in float32.
+MAX_REPETITION_PENALTY = 2.0
+MAX_PENALTY = 2.0  # presence and frequency penalties lie in [-MAX_PENALTY, MAX_PENALTY], as in OpenAI's API
+SEED_LIMIT = 2**64  # torch generators take 64-bit seeds
 
 
 @dataclass
@@ -30,6 +42,7 @@ class SamplingParams:
         self.stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
         self._check_counts()
+        self._check_stops()
         self._check_distribution()
         self._check_penalties()
 
@@ -45,39 +58,42 @@ class SamplingParams:
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
         if self.logprobs is not None:
-            _check_int("logprobs", self.logprobs, minimum=0)
-            if self.logprobs > MAX_LOGPROBS:
-                raise ValueError(f"logprobs must be <= {MAX_LOGPROBS}, got {self.logprobs}")
+            _check_int("logprobs", self.logprobs, minimum=0, maximum=MAX_LOGPROBS)
         if self.seed is not None:
-            _check_int("seed", self.seed, minimum=0)
+            _check_int("seed", self.seed, minimum=0, maximum=SEED_LIMIT - 1)
+
+    def _check_stops(self) -> None:
         for token_id in self.stop_token_ids:
             _check_int("stop_token_ids", token_id, minimum=0)
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError("stop must be a non-empty string or a list of non-empty strings")
 
     def _check_distribution(self) -> None:
-        if not _is_number(self.temperature) or self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
-        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        _check_number(
+            "temperature", self.temperature, lambda t: t == 0 or MIN_TEMPERATURE <= t <= MAX_TEMPERATURE,
+            f"0 (greedy) or in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}]",
+        )
+        _check_number("top_p", self.top_p, lambda p: 0 < p <= 1, "in (0, 1]")
         if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < -1 or self.top_k == 0:
             raise ValueError(f"top_k must be -1 (disabled) or >= 1, got {self.top_k!r}")
-        if not _is_number(self.min_p) or not 0 <= self.min_p <= 1:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
+        _check_number("min_p", self.min_p, lambda p: 0 <= p <= 1, "in [0, 1]")
 
     def _check_penalties(self) -> None:
         for name in ("presence_penalty", "frequency_penalty"):
-            value = getattr(self, name)
-            if not _is_number(value) or not -2 <= value <= 2:
-                raise ValueError(f"{name} must be in [-2, 2], got {value!r}")
-        if not _is_number(self.repetition_penalty) or self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+            _check_number(name, getattr(self, name), lambda v: -MAX_PENALTY <= v <= MAX_PENALTY,
+                          f"in [{-MAX_PENALTY}, {MAX_PENALTY}]")
+        _check_number("repetition_penalty", self.repetition_penalty, lambda v: 0 < v <= MAX_REPETITION_PENALTY,
+                      f"in (0, {MAX_REPETITION_PENALTY}]")
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def _check_number(name: str, value: object, accepts: Callable[[float], bool], allowed: str) -> None:
+    """`accepts` is a range test: False for NaN, and for infinities and huge integers past the range's ends."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not accepts(value):
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
 
 
-def _check_int(name: str, value: object, minimum: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+def _check_int(name: str, value: object, minimum: int, maximum: Optional[int] = None) -> None:
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    if not is_int or value < minimum or (maximum is not None and value > maximum):
+        allowed = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise ValueError(f"{name} must be an integer {allowed}, got {value!r}")

@@ -10,7 +10,7 @@ from typing import Optional, Union
 import torch
 
 from engine.outputs import Logprob
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import SEED_LIMIT, SamplingParams
 
 
 class SequenceStatus(enum.Enum):
@@ -87,13 +87,17 @@ class RequestTimes:
 
 class Request:
     def __init__(
-        self, request_id: str, prompt: Optional[str], prompt_token_ids: list[int], params: SamplingParams
+        self, request_id: str, prompt: Optional[str], prompt_token_ids: list[int], params: SamplingParams,
+        timeout: Optional[float] = None,
     ) -> None:
         self.request_id = request_id
         self.prompt = prompt
         self.prompt_token_ids = prompt_token_ids
         self.params = params
         self.times = RequestTimes()
+        self.timeout = timeout  # seconds from arrival until the engine aborts it with finish_reason "timeout"
+        self.deadline = None if timeout is None else self.times.arrival + timeout  # on the time.monotonic() clock
+        self.failure: Optional[Exception] = None  # why it ended with "error" or "timeout": what its stream raises
         self.seqs = [Sequence(self, index) for index in range(params.n)]
 
     @property
@@ -105,5 +109,5 @@ def _make_generator(seed: Optional[int], index: int) -> Optional[torch.Generator
     if seed is None:
         return None
     generator = torch.Generator()
-    generator.manual_seed(seed + index)
+    generator.manual_seed((seed + index) % SEED_LIMIT)
     return generator

@@ -5,8 +5,9 @@ from __future__ import annotations
 import gc
 import os
 import random
+import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, AsyncIterator, Callable, Iterator
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # the Triton kernels run on the CPU, before anything imports them
 
-from engine import LLM, RequestOutput, SamplingParams
+from engine import LLM, LLMEngine, RequestOutput, SamplingParams
 from engine.loader import default_model_path
 from engine.sequence import Request, Sequence
 from handler.model_store import build_archive
@@ -175,3 +176,28 @@ def native_kernels() -> None:
     from engine.native.build import load_native
 
     load_native()
+
+
+def run_to_completion(engine: LLMEngine, requests: list[Request]) -> dict[str, RequestOutput]:
+    """Add `requests` to `engine` and step it until idle; each request's deltas folded into one, by request id."""
+    for request in requests:
+        engine.add_request(request)
+    results: dict[str, RequestOutput] = {}
+    while engine.has_unfinished_requests():
+        for delta in engine.step():
+            if delta.request_id in results:
+                results[delta.request_id].add(delta)
+            else:
+                results[delta.request_id] = delta
+    return results
+
+
+async def stream_token_ids(stream: AsyncIterator[RequestOutput]) -> list[int]:
+    """Every token id a stream of deltas yields for the first completion, in order."""
+    return [token for output in [out async for out in stream] for token in output.outputs[0].token_ids]
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)

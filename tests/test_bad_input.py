@@ -8,34 +8,87 @@ from pathlib import Path
 import pytest
 
 from engine import LLM, EngineConfig, SamplingParams
+from engine.sampling_params import MAX_REPETITION_PENALTY, MAX_TEMPERATURE, MIN_TEMPERATURE
 
 PROMPT = [510, 3458, 282, 4649]
+NAN, INF = float("nan"), float("inf")
+HUGE = 10**400  # an int no float can hold
 
 
 @pytest.mark.parametrize(
     "field, value",
     [
         ("temperature", -0.1),
+        ("temperature", 1e-40),
+        ("temperature", 0.009),
+        ("temperature", 2.01),
+        ("temperature", NAN),
+        ("temperature", INF),
+        ("temperature", HUGE),
+        ("temperature", True),
         ("top_p", 0.0),
         ("top_p", 1.5),
+        ("top_p", NAN),
+        ("top_p", HUGE),
         ("top_k", 0),
         ("top_k", -2),
+        ("top_k", True),
+        ("top_k", 5.0),
         ("min_p", -0.1),
         ("min_p", 1.1),
+        ("min_p", NAN),
+        ("min_p", -INF),
         ("n", 0),
+        ("n", True),
         ("max_tokens", 0),
+        ("max_tokens", 4.0),
         ("logprobs", 21),
+        ("logprobs", -1),
+        ("logprobs", True),
         ("min_tokens", -1),
+        ("min_tokens", False),
         ("presence_penalty", 3.0),
+        ("presence_penalty", NAN),
+        ("presence_penalty", INF),
         ("frequency_penalty", -2.5),
+        ("frequency_penalty", -INF),
+        ("frequency_penalty", HUGE),
         ("repetition_penalty", 0.0),
+        ("repetition_penalty", 2.5),
+        ("repetition_penalty", NAN),
+        ("repetition_penalty", INF),
+        ("repetition_penalty", -HUGE),
         ("seed", -1),
+        ("seed", 2**64),
+        ("seed", 1.0),
+        ("stop_token_ids", [-1]),
+        ("stop_token_ids", [True]),
+        ("stop_token_ids", [2.0]),
         ("stop", [""]),
     ],
 )
 def test_sampling_params_reject_out_of_range(field: str, value: object) -> None:
-    with pytest.raises(ValueError, match=field):
+    with pytest.raises(ValueError, match=rf"^{field} must be .+"):
         SamplingParams(**{field: value})
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("temperature", 0),
+        ("temperature", MIN_TEMPERATURE),
+        ("temperature", MAX_TEMPERATURE),
+        ("top_p", 1),
+        ("min_p", 1.0),
+        ("presence_penalty", -2),
+        ("frequency_penalty", 2.0),
+        ("repetition_penalty", MAX_REPETITION_PENALTY),
+        ("seed", 2**64 - 1),
+        ("logprobs", 20),
+    ],
+)
+def test_sampling_params_accept_the_bounds_themselves(field: str, value: object) -> None:
+    assert getattr(SamplingParams(**{field: value}), field) == value
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +117,37 @@ def test_generate_rejects_bad_prompts_without_side_effects(llm: LLM, prompts, ma
     with pytest.raises(ValueError, match=match):
         llm.generate(prompts, SamplingParams(max_tokens=4))
     assert_untouched(llm)
+
+
+@pytest.mark.parametrize(
+    "params, match",
+    [
+        (SamplingParams(temperature=1.0, top_k=10**30), r"^top_k must be -1 \(disabled\) or in \[1, 49152\]"),
+        (SamplingParams(top_k=49153), r"^top_k must be .*got 49153"),
+        (SamplingParams(stop_token_ids=[10**9], min_tokens=5), r"^stop_token_ids must be in \[0, 49152\)"),
+        (SamplingParams(stop_token_ids=[2, 49152]), r"^stop_token_ids must be .*got 49152"),
+        (SamplingParams(max_tokens=None, min_tokens=10**9), r"^min_tokens must be <= max_model_len \(256\)"),
+    ],
+)
+def test_generate_rejects_params_beyond_the_model_without_side_effects(
+    llm: LLM, params: SamplingParams, match: str
+) -> None:
+    with pytest.raises(ValueError, match=match):
+        llm.generate([PROMPT], params)
+    assert_untouched(llm)
+
+
+@pytest.mark.parametrize("timeout", [0, -1.0, NAN, INF, HUGE, True, "5"])
+def test_make_request_rejects_a_timeout_that_is_not_a_positive_finite_number(llm: LLM, timeout: object) -> None:
+    with pytest.raises(ValueError, match=r"^timeout must be a finite number of seconds > 0"):
+        llm.engine.make_request("timed", PROMPT, SamplingParams(max_tokens=2), timeout=timeout)
+    assert_untouched(llm)
+
+
+def test_largest_seed_runs_with_several_completions(llm: LLM) -> None:
+    params = SamplingParams(n=2, seed=2**64 - 1, max_tokens=3, ignore_eos=True)
+    [output] = llm.generate([PROMPT], params)
+    assert [len(completion.token_ids) for completion in output.outputs] == [3, 3]
 
 
 def test_prompt_plus_max_tokens_beyond_max_model_len(llm: LLM) -> None:
