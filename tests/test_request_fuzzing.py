@@ -24,22 +24,43 @@ ANY_JSON = st.recursive(
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
     max_leaves=10,
 )
-SMALL_INT = st.integers(min_value=-3, max_value=12)
-MESSAGE = st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "tool"]),
-                                 "content": st.text(max_size=20) | ANY_JSON})
-FIELDS = {
-    "prompt": st.text(max_size=30) | st.lists(st.integers(-2, 50_000), max_size=6) | st.lists(st.text(max_size=5)),
-    "messages": st.lists(MESSAGE, max_size=3),
-    "max_tokens": SMALL_INT, "n": SMALL_INT, "top_k": st.integers(), "seed": st.integers(),
-    "temperature": st.floats(), "top_p": st.floats(), "min_p": st.floats(),
-    "repetition_penalty": st.floats() | st.integers(), "presence_penalty": st.floats(),
-    "stop": st.text(max_size=4) | st.lists(st.text(max_size=4), max_size=20),
-    "stop_token_ids": st.lists(st.integers(), max_size=3), "min_tokens": SMALL_INT, "logprobs": SMALL_INT | st.booleans(),
-    "top_logprobs": SMALL_INT, "stream": st.booleans(), "ignore_eos": st.booleans(), "timeout": st.floats(),
-    "stream_options": st.fixed_dictionaries({}, optional={"include_usage": st.booleans()}),
+
+
+TEXT = st.text(max_size=30)
+SAMPLING = {
+    "max_tokens": st.integers(1, 8), "n": st.integers(1, 3), "min_tokens": st.integers(0, 4),
+    "temperature": st.sampled_from([0, 0.7]) | st.floats(0.01, 2), "top_p": st.floats(0.05, 1),
+    "top_k": st.integers(1, 60) | st.just(-1), "min_p": st.floats(0, 0.5), "seed": st.integers(0, 2**64 - 1),
+    "repetition_penalty": st.floats(0.5, 2), "presence_penalty": st.floats(-2, 2), "frequency_penalty": st.floats(-2, 2),
+    "stop": TEXT | st.lists(TEXT, max_size=3), "stop_token_ids": st.lists(st.integers(0, 49151), max_size=2),
+    "ignore_eos": st.booleans(), "stream": st.booleans(), "timeout": st.floats(1, 60),
 }
-BODY = st.fixed_dictionaries({}, optional={name: value | ANY_JSON for name, value in FIELDS.items()}) | ANY_JSON
-RAW_BODY = BODY.map(lambda body: json.dumps(body).encode()) | st.binary(max_size=64)
+PROMPT = TEXT | st.lists(st.integers(0, 49151), min_size=1, max_size=6) | st.lists(TEXT, min_size=1, max_size=3)
+MESSAGES = st.lists(
+    st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant"]), "content": TEXT}),
+    min_size=1, max_size=3,
+)
+COMPLETION = st.fixed_dictionaries({"prompt": PROMPT}, optional={**SAMPLING, "logprobs": st.integers(0, 5)})
+CHAT = st.fixed_dictionaries(
+    {"messages": MESSAGES}, optional={**SAMPLING, "logprobs": st.just(True), "top_logprobs": st.integers(0, 5)},
+)
+
+
+def with_one_field_spoiled(bodies: st.SearchStrategy[dict[str, Any]]) -> st.SearchStrategy[dict[str, Any]]:
+    """A plausible body in which one field (known or not) holds anything at all."""
+    names = st.sampled_from(["prompt", "messages", "logprobs", *SAMPLING]) | st.text(max_size=6)
+    return st.tuples(bodies, names, ANY_JSON).map(lambda spoil: {**spoil[0], spoil[1]: spoil[2]})
+
+
+def as_json(bodies: st.SearchStrategy[Any]) -> st.SearchStrategy[bytes]:
+    return bodies.map(lambda body: json.dumps(body).encode())
+
+
+REQUEST = (
+    st.tuples(st.just("v1/completions"), as_json(COMPLETION | with_one_field_spoiled(COMPLETION)))
+    | st.tuples(st.just("v1/chat/completions"), as_json(CHAT | with_one_field_spoiled(CHAT)))
+    | st.tuples(st.sampled_from(ROUTES), as_json(ANY_JSON) | st.binary(max_size=64))
+)
 
 
 def check_reply(status: int, body: bytes) -> None:
@@ -64,9 +85,9 @@ def worker(tiny_model: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(route=st.sampled_from(ROUTES), raw=RAW_BODY)
-def test_any_body_gets_a_2xx_or_a_4xx_from_the_handler(worker: WorkerHarness, route: str, raw: bytes) -> None:
-    reply: Reply = asyncio.run(worker.request(route, raw))
+@given(request=REQUEST)
+def test_any_body_gets_a_2xx_or_a_4xx_from_the_handler(worker: WorkerHarness, request: tuple[str, bytes]) -> None:
+    reply: Reply = asyncio.run(worker.request(*request))
     check_reply(reply.status, reply.body)
     assert reply.ends_the_job
 
@@ -83,7 +104,8 @@ def unharmed_torchserve(torchserve: Any) -> Iterator[Any]:
 @pytest.mark.slow
 @settings(max_examples=60, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-@given(route=st.sampled_from(ROUTES), raw=RAW_BODY)
-def test_any_body_gets_a_2xx_or_a_4xx_from_torchserve(unharmed_torchserve: Any, route: str, raw: bytes) -> None:
+@given(request=REQUEST)
+def test_any_body_gets_a_2xx_or_a_4xx_from_torchserve(unharmed_torchserve: Any, request: tuple[str, bytes]) -> None:
+    route, raw = request
     url = f"{unharmed_torchserve.predictions_url}/{route}"
     check_reply(*http_bytes(url, raw=raw, method="POST"))
