@@ -6,7 +6,6 @@ import dataclasses
 import json
 import logging
 import os
-import socket
 import threading
 from http import HTTPStatus
 from contextlib import aclosing
@@ -23,27 +22,13 @@ from handler.json_body import request_body
 from handler.metrics import TorchServeMetrics
 from handler.openai_serving import SSE_DONE, OpenAIServing, sse_event
 from handler.protocol import APIError
+from handler.worker_socket import serialize_sends
 
 logger = logging.getLogger(__name__)
 ROUTES = ("v1/completions", "v1/chat/completions", "v1/models")
 # After the engine dies, the worker process lives this long, to send the failed requests' error responses.
 EXIT_DELAY_S = 1.0
 DEFAULT_RESPONSE_TIMEOUT_S = 120.0  # TorchServe's, when the model-config sets no responseTimeout
-
-
-class _SerialSocket(socket.socket):
-    """The worker's socket with one writer at a time. TorchServe sends each request's last reply from a thread of
-    its own while this handler streams from the event loop; two large sendall calls at once would interleave
-    their bytes and break the frontend's framing."""
-
-    __slots__ = ()
-    _send_lock = threading.Lock()
-
-    def sendall(self, data: Any, flags: int = 0) -> None:
-        with self._send_lock:
-            super().sendall(data, flags)
-
-
 class LLMHandler:
     def __init__(self) -> None:
         self.serving: OpenAIServing | None = None
@@ -75,7 +60,7 @@ class LLMHandler:
         (`ts_stream_next: false`), so that it drops the request; a plain reply would stay in its memory for good."""
         if _is_management_describe(data, context):
             return [json.dumps(self.describe())]
-        _serialize_sends(context)
+        serialize_sends(context.cl_socket)
         self.metrics.bind_loop(asyncio.get_running_loop())
         route = (context.get_request_header(0, "url_path") or "").strip("/")
         try:
@@ -153,11 +138,6 @@ def _is_management_describe(data: list[dict[str, Any]], context: Context) -> boo
     """The management API's `?customized=true` describe sends the header and no input at all; an inference
     request always has a body, so a client cannot get the engine's internals by sending the header itself."""
     return context.get_request_header(0, "describe") == "True" and not data[0]
-
-
-def _serialize_sends(context: Context) -> None:
-    if type(context.cl_socket) is socket.socket:
-        context.cl_socket.__class__ = _SerialSocket
 
 
 def _wire(text: str) -> bytes:
