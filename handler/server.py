@@ -75,6 +75,7 @@ class ServerConfig:
             "disable_token_authorization": str(not self.token_auth).lower(),
             "token_expiration_min": str(self.token_expiration_min),
             "max_response_size": str(self.max_response_size),
+            "decode_input_request": "false",  # the worker forwards bodies as bytes: handler.json_body parses them
             "enable_model_api": str(self.model_api).lower(),
             "model_store": str(self.model_store.resolve()),
             "load_models": ",".join(f"{name}={path}" for name, path in self.models.items()),
@@ -134,10 +135,7 @@ class TorchServeProcess:
         (self.run_dir / "tmp").mkdir(parents=True, exist_ok=True)
         write_metrics_config(self.config.metrics_config, self.run_dir / METRICS_FILE)
         properties = write_config_properties(self.config)
-        env = {
-            **os.environ, "LOG_LOCATION": str(self.run_dir / "logs"), "METRICS_LOCATION": str(self.run_dir / "logs"),
-            "TS_DECODE_INPUT_REQUEST": "false",  # the worker forwards bodies as bytes; handler.json_body parses them
-        }
+        env = {**os.environ, "LOG_LOCATION": str(self.run_dir / "logs"), "METRICS_LOCATION": str(self.run_dir / "logs")}
         log = self._exit_stack.enter_context(self.log_path.open("ab"))
         # A session of its own: Ctrl-C in a terminal reaches only us, and we stop the frontend in order.
         self.process = subprocess.Popen(
