@@ -1,10 +1,24 @@
-"""Continuous batching: each step takes running sequences first, then waiting ones, first come first served.
+"""Continuous batching: running sequences first, then waiting ones by request arrival; the biggest KV consumer yields.
 
-A step spends at most `max_num_batched_tokens` tokens, so long prompts are prefilled in chunks that
-share a step with running decodes. When the KV cache runs out, the newest running sequence is
-preempted: its blocks are freed and it is recomputed later from its tokens. With prefix caching, a
-sibling (n > 1) waits while another sequence of its request prefills their prompt, then joins with
-the prompt's blocks as a cache hit (blocks are hittable only once computed).
+Each step serves the running sequences in the order they were admitted, then admits waiting ones
+from the head of the queue until one does not fit or must wait for a sibling. A step spends at most
+`max_num_batched_tokens` tokens, so long prompts are prefilled in chunks that share a step with
+running decodes.
+
+Fairness, so that a long or wide request cannot starve later small ones:
+- The waiting queue is in order of request arrival and is served from its head only.
+- When a running sequence needs a KV block and none is free, the victim is the newest (last admitted)
+  running sequence of the request holding the most KV blocks; ties: the request that arrived last.
+  It loses its blocks, leaves this step if it was scheduled in it, and is recomputed later from its
+  tokens. Victims are taken until the sequence fits or is itself the victim: then it waits, and the
+  step goes on with the next running sequence.
+- A preempted sequence goes back into the waiting queue ahead of every request that arrived after
+  its own, so it is readmitted before them.
+- A step that preempted admits no waiting sequence: the freed blocks are the running sequences'
+  headroom, and filling them would force the next preemption at once. So no sequence is readmitted
+  in the step that preempted it.
+- With prefix caching, a sibling (n > 1) waits while another sequence of its request prefills their
+  prompt, then joins with the prompt's blocks as cache hits (blocks are hittable only once computed).
 """
 from __future__ import annotations
 
@@ -13,7 +27,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from engine.block_manager import BlockManager
-from engine.sequence import Sequence, SequenceStatus
+from engine.sequence import Request, Sequence, SequenceStatus
 
 
 @dataclass
@@ -41,10 +55,10 @@ class Scheduler:
 
     def schedule(self) -> list[ScheduledSeq]:
         """This step's sequences with their token counts; waiting ones join only if nothing was preempted."""
-        budget = self.max_num_batched_tokens
-        scheduled, num_preempted = self._schedule_running(budget)
-        budget -= sum(item.num_new_tokens for item in scheduled)
-        if not num_preempted:
+        num_preemptions = self.num_preemptions
+        scheduled = self._schedule_running()
+        if self.num_preemptions == num_preemptions:
+            budget = self.max_num_batched_tokens - sum(item.num_new_tokens for item in scheduled)
             scheduled += self._schedule_waiting(budget)
         return scheduled
 
@@ -57,25 +71,37 @@ class Scheduler:
         seq.finish(reason)
         self.block_manager.free(seq)
 
-    def _schedule_running(self, budget: int) -> tuple[list[ScheduledSeq], int]:
-        scheduled: list[ScheduledSeq] = []
-        num_preempted = 0
-        index = 0
-        while index < len(self.running) and budget > 0:
-            seq = self.running[index]
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            while not self.block_manager.allocate(seq, num_new):
-                victim = self.running[-1]
-                self._preempt(victim)
-                num_preempted += 1
-                if victim is seq:
-                    break
-            if seq.status != SequenceStatus.RUNNING:
+    def _schedule_running(self) -> list[ScheduledSeq]:
+        num_new_tokens: dict[Sequence, int] = {}  # in admission order
+        budget = self.max_num_batched_tokens
+        for seq in list(self.running):
+            if budget <= 0:
                 break
-            scheduled.append(ScheduledSeq(seq, num_new))
-            budget -= num_new
-            index += 1
-        return scheduled, num_preempted
+            if seq.status != SequenceStatus.RUNNING:
+                continue  # preempted earlier in this pass
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            budget += sum(num_new_tokens.pop(victim, 0) for victim in self._make_room(seq, num_new))
+            if seq.status == SequenceStatus.RUNNING:
+                num_new_tokens[seq] = num_new
+                budget -= num_new
+        return [ScheduledSeq(seq, num_new) for seq, num_new in num_new_tokens.items()]
+
+    def _make_room(self, seq: Sequence, num_new: int) -> list[Sequence]:
+        """Allocate `seq` blocks for `num_new` tokens, preempting until they fit or `seq` is preempted; the victims."""
+        victims: list[Sequence] = []
+        while seq.status == SequenceStatus.RUNNING and not self.block_manager.allocate(seq, num_new):
+            victim = self._choose_victim()
+            self._preempt(victim)
+            victims.append(victim)
+        return victims
+
+    def _choose_victim(self) -> Sequence:
+        """The newest running sequence of the request holding the most KV blocks; ties: the newest request."""
+        blocks_held: dict[Request, set[int]] = {}
+        for seq in self.running:
+            blocks_held.setdefault(seq.request, set()).update(seq.block_table)
+        request = max(blocks_held, key=lambda r: (len(blocks_held[r]), r.arrival_index))
+        return next(seq for seq in reversed(self.running) if seq.request is request)
 
     def _schedule_waiting(self, budget: int) -> list[ScheduledSeq]:
         scheduled: list[ScheduledSeq] = []
@@ -101,11 +127,13 @@ class Scheduler:
         return ScheduledSeq(seq, num_new)
 
     def _waits_for_sibling_prefill(self, seq: Sequence) -> bool:
-        """True while another sequence of its request prefills the prompt: its blocks become hits once computed."""
-        if not self.block_manager.enable_prefix_caching or seq.num_prompt_tokens <= self.block_manager.block_size:
+        """True while another sequence of its request computes the prompt blocks `seq` could take as cache hits."""
+        if not self.block_manager.enable_prefix_caching:
             return False
+        block_size = self.block_manager.block_size
+        num_shareable = (seq.num_prompt_tokens - 1) // block_size * block_size  # a hit leaves the last token
         return any(
-            other.status == SequenceStatus.RUNNING and other.num_computed_tokens < other.num_prompt_tokens
+            other.status == SequenceStatus.RUNNING and other.num_computed_tokens < num_shareable
             for other in seq.request.seqs
         )
 
@@ -113,5 +141,11 @@ class Scheduler:
         self.running.remove(seq)
         self.block_manager.free(seq)
         seq.reset_for_recompute()
-        self.waiting.appendleft(seq)
+        self.waiting.insert(self._arrival_position(seq), seq)
         self.num_preemptions += 1
+
+    def _arrival_position(self, seq: Sequence) -> int:
+        """The waiting-queue index just ahead of the first sequence whose request arrived after `seq`'s."""
+        arrival = seq.request.arrival_index
+        later = (index for index, other in enumerate(self.waiting) if other.request.arrival_index > arrival)
+        return next(later, len(self.waiting))

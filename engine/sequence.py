@@ -29,6 +29,7 @@ class DetokenizerState:
 
 
 _seq_counter = itertools.count()
+_request_counter = itertools.count()
 
 
 class Sequence:
@@ -98,6 +99,7 @@ class Request:
         self.timeout = timeout  # seconds from arrival until the engine aborts it with finish_reason "timeout"
         self.deadline = None if timeout is None else self.times.arrival + timeout  # on the time.monotonic() clock
         self.failure: Optional[Exception] = None  # why it ended with "error" or "timeout": what its stream raises
+        self.arrival_index = next(_request_counter)  # arrival order without ties, unlike times.arrival
         self.seqs = [Sequence(self, index) for index in range(params.n)]
 
     @property

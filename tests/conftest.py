@@ -16,7 +16,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # the Triton kernels run on the CPU, before anything imports them
 
 from engine import LLM, LLMEngine, RequestOutput, SamplingParams
+from engine.block_manager import BlockManager
 from engine.loader import default_model_path
+from engine.scheduler import ScheduledSeq
 from engine.sequence import Request, Sequence
 from handler.model_store import build_archive
 from handler.server import ServedModel
@@ -122,6 +124,12 @@ def llm_factory() -> Iterator[Callable[..., LLM]]:
     gc.collect()
 
 
+@pytest.fixture
+def alone_llm(tiny_model: Callable[[str], Path], llm_factory: Callable[..., LLM]) -> LLM:
+    """The tiny llama with room for every test's prompts and no prefix caching: the reference outputs."""
+    return llm_factory(tiny_model("llama"), num_kv_blocks=512, enable_prefix_caching=False)
+
+
 @pytest.fixture(autouse=True)
 def all_blocks_free_after_test() -> Iterator[None]:
     yield
@@ -154,6 +162,16 @@ def make_request(prompt_token_ids: list[int], n: int = 1) -> Request:
 
 def make_seq(prompt_token_ids: list[int]) -> Sequence:
     return make_request(prompt_token_ids).seqs[0]
+
+
+def complete_step(manager: BlockManager, scheduled: list[ScheduledSeq], next_token: int = 7) -> None:
+    """What the engine does once the model has run a scheduled step, with `next_token` as every sampled token."""
+    for item in scheduled:
+        samples = item.completes_prompt
+        item.seq.num_computed_tokens += item.num_new_tokens
+        manager.cache_computed_blocks(item.seq)
+        if samples:
+            item.seq.token_ids.append(next_token)
 
 
 @pytest.fixture(scope="session")

@@ -1,17 +1,10 @@
 """Batched generation (chunked prefill, prefix caching, preemption) gives what each prompt gives alone."""
 from __future__ import annotations
 
-import pytest
-
 from conftest import random_prompts, token_ids
 from engine import SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
-
-
-@pytest.fixture(scope="module")
-def alone_llm(tiny_model, llm_factory):
-    return llm_factory(tiny_model("llama"), num_kv_blocks=512, enable_prefix_caching=False)
 
 
 def test_mixed_batch_with_chunked_prefill_equals_each_alone(tiny_model, llm_factory, alone_llm) -> None:

@@ -1,14 +1,14 @@
 """A full KV block becomes a prefix-cache hit only after the step that computed it has run."""
 from __future__ import annotations
 
+from typing import NoReturn
+
 import pytest
 
-from conftest import make_seq, random_prompts
+from conftest import complete_step, make_request, make_seq, random_prompts
 from engine import LLM, LLMEngine, SamplingParams
 from engine.block_manager import BlockManager
-from engine.scheduler import ScheduledSeq
-from engine.sampler import SamplerOutput
-from engine.sequence import Sequence
+from engine.scheduler import ScheduledSeq, Scheduler
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
 BLOCK_SIZE = 8
@@ -25,7 +25,7 @@ def fail_next_execute(monkeypatch: pytest.MonkeyPatch, engine: LLMEngine) -> Non
     """Make the engine's next model step raise, as a failing kernel would; the steps after it run normally."""
     original = engine.runner.execute
 
-    def fail_once(scheduled: list[ScheduledSeq]) -> tuple[list[Sequence], SamplerOutput]:
+    def fail_once(scheduled: list[ScheduledSeq]) -> NoReturn:
         monkeypatch.setattr(engine.runner, "execute", original)
         raise RuntimeError("injected step failure")
 
@@ -82,6 +82,19 @@ def test_a_recomputed_sequence_commits_the_blocks_after_its_cached_prefix() -> N
     assert seq.num_hashed_blocks == 2
     assert manager.find_cached_prefix(make_seq(seq.token_ids + [99])) == seq.block_table[:2]
     manager.free(seq)
+
+
+def test_siblings_join_together_once_one_has_computed_their_prompt_blocks() -> None:
+    scheduler = Scheduler(BlockManager(num_blocks=16, block_size=4), max_num_seqs=8, max_num_batched_tokens=64)
+    request = make_request(list(range(10)), n=4)
+    for seq in request.seqs:
+        scheduler.add(seq)
+    first = scheduler.schedule()
+    assert [item.seq for item in first] == request.seqs[:1]
+    complete_step(scheduler.block_manager, first)
+    second = [(item.seq, item.num_new_tokens) for item in scheduler.schedule()]
+    assert second == [(request.seqs[0], 1)] + [(seq, 2) for seq in request.seqs[1:]]  # 8 prompt tokens are hits
+    assert all(seq.block_table[:2] == request.seqs[0].block_table[:2] for seq in request.seqs)
 
 
 def test_a_failed_step_leaves_the_blocks_it_was_writing_unhittable(llm, monkeypatch) -> None:
