@@ -15,8 +15,10 @@ MAX_TEMPERATURE = 2.0
 # A seen token's positive logit is divided by the penalty, a negative one multiplied: at 2 already halved or doubled
 # (CTRL, which introduced the penalty, used 1.2). The bound also keeps the factor finite in float32.
 MAX_REPETITION_PENALTY = 2.0
+MIN_REPETITION_PENALTY = 0.01  # the mirror image of 100: below it, seen tokens' logits overflow the same way
 MAX_PENALTY = 2.0  # presence and frequency penalties lie in [-MAX_PENALTY, MAX_PENALTY], as in OpenAI's API
 SEED_LIMIT = 2**64  # torch generators take 64-bit seeds
+MAX_N = 1024  # completions of one request: each is a sequence object built before anything runs
 
 
 @dataclass
@@ -51,7 +53,7 @@ class SamplingParams:
         return self.temperature == 0.0
 
     def _check_counts(self) -> None:
-        _check_int("n", self.n, minimum=1)
+        _check_int("n", self.n, minimum=1, maximum=MAX_N)
         if self.max_tokens is not None:
             _check_int("max_tokens", self.max_tokens, minimum=1)
         _check_int("min_tokens", self.min_tokens, minimum=0)
@@ -82,8 +84,11 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             _check_number(name, getattr(self, name), lambda v: -MAX_PENALTY <= v <= MAX_PENALTY,
                           f"in [{-MAX_PENALTY}, {MAX_PENALTY}]")
-        _check_number("repetition_penalty", self.repetition_penalty, lambda v: 0 < v <= MAX_REPETITION_PENALTY,
-                      f"in (0, {MAX_REPETITION_PENALTY}]")
+        _check_number(
+            "repetition_penalty", self.repetition_penalty,
+            lambda v: MIN_REPETITION_PENALTY <= v <= MAX_REPETITION_PENALTY,
+            f"in [{MIN_REPETITION_PENALTY}, {MAX_REPETITION_PENALTY}]",
+        )
 
 
 def _check_number(name: str, value: object, accepts: Callable[[float], bool], allowed: str) -> None:

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 from engine import LLM, EngineConfig, SamplingParams
-from engine.sampling_params import MAX_REPETITION_PENALTY, MAX_TEMPERATURE, MIN_TEMPERATURE
+from engine.sampling_params import (
+    MAX_N, MAX_REPETITION_PENALTY, MAX_TEMPERATURE, MIN_REPETITION_PENALTY, MIN_TEMPERATURE,
+)
 
 PROMPT = [510, 3458, 282, 4649]
 NAN, INF = float("nan"), float("inf")
@@ -39,6 +41,7 @@ HUGE = 10**400  # an int no float can hold
         ("min_p", NAN),
         ("min_p", -INF),
         ("n", 0),
+        ("n", MAX_N + 1),
         ("n", True),
         ("max_tokens", 0),
         ("max_tokens", 4.0),
@@ -54,6 +57,7 @@ HUGE = 10**400  # an int no float can hold
         ("frequency_penalty", -INF),
         ("frequency_penalty", HUGE),
         ("repetition_penalty", 0.0),
+        ("repetition_penalty", 1e-40),
         ("repetition_penalty", 2.5),
         ("repetition_penalty", NAN),
         ("repetition_penalty", INF),
@@ -82,7 +86,9 @@ def test_sampling_params_reject_out_of_range(field: str, value: object) -> None:
         ("min_p", 1.0),
         ("presence_penalty", -2),
         ("frequency_penalty", 2.0),
+        ("repetition_penalty", MIN_REPETITION_PENALTY),
         ("repetition_penalty", MAX_REPETITION_PENALTY),
+        ("n", MAX_N),
         ("seed", 2**64 - 1),
         ("logprobs", 20),
     ],
