@@ -147,6 +147,13 @@ class AsyncLLMEngine:
         self._thread.join()
         self._close(EngineDeadError("the engine was shut down"))
 
+    def check_capacity(self, num_requests: int = 1) -> None:
+        """Raise now what `stream` would raise for `num_requests` more requests (EngineDeadError,
+        EngineOverloadedError), so that a caller can refuse a call before it starts answering it."""
+        refusal = self._refusal(len(self._streams) - self._num_running + num_requests - 1)
+        if refusal is not None:
+            raise refusal
+
     def _open_stream(self, request: Request) -> _Stream:
         """Register the request's stream and queue the request, unless the engine refuses it."""
         request_id = request.request_id

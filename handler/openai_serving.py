@@ -108,20 +108,27 @@ class OpenAIServing:
     def _start(
         self, call_id: str, object_name: str, request: Union[CompletionRequest, ChatRequest], prompts: list[Any], what: str
     ) -> _Call:
-        """Check the model, the response's size and every prompt before any of them reaches the engine."""
-        if request.model is not None and request.model != self.served_model_name:
-            raise APIError(
-                f"The model `{request.model}` does not exist; this endpoint serves `{self.served_model_name}`",
-                status=404, param="model", code="model_not_found",
-            )
+        """Check the model, the response's size, every prompt and the engine's room before any prompt reaches it."""
+        self._check_model(request.model)
         self._check_response_size(request, len(prompts))
         timeout = min(filter(None, (request.timeout, self.request_timeout)), default=None)
         requests = [
             self._make_request(f"{call_id}-{i}", prompt, request, what, timeout) for i, prompt in enumerate(prompts)
         ]
+        try:
+            self.engine.check_capacity(len(requests))
+        except ENGINE_ERRORS as exc:
+            raise _api_error(exc) from None
         object_name = object_name if not request.stream else f"{object_name}.chunk"
         return _Call(call_id, object_name, request.model or self.served_model_name, int(time.time()), requests,
                      request.params.n)
+
+    def _check_model(self, model: Optional[str]) -> None:
+        if model is not None and model != self.served_model_name:
+            raise APIError(
+                f"The model `{model}` does not exist; this endpoint serves `{self.served_model_name}`",
+                status=404, param="model", code="model_not_found",
+            )
 
     def _default_max_tokens(self, params: SamplingParams, prompt_len: int) -> SamplingParams:
         """A chat request without max_tokens stops at `limits.default_max_tokens` or at the end of the context."""
@@ -226,19 +233,27 @@ async def _merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[t
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+ENGINE_ERRORS = (EngineDeadError, EngineOverloadedError, RequestTimeoutError, RequestFailedError)
+
+
+def _api_error(exc: Exception) -> APIError:
+    """The OpenAI error for one of ENGINE_ERRORS."""
+    if isinstance(exc, EngineOverloadedError):
+        return APIError(str(exc), status=503, code="overloaded", error_type="overloaded_error")
+    if isinstance(exc, EngineDeadError):
+        return APIError(f"the engine is not running: {exc}", status=503)
+    if isinstance(exc, RequestTimeoutError):
+        return APIError(str(exc), status=408, code="timeout", error_type="timeout_error")
+    return APIError(str(exc), status=500)
+
+
 async def _engine_errors(deltas: AsyncIterator[tuple[int, RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
     async with aclosing(deltas):
         try:
             async for item in deltas:
                 yield item
-        except EngineDeadError as exc:
-            raise APIError(f"the engine is not running: {exc}", status=503) from None
-        except EngineOverloadedError as exc:
-            raise APIError(str(exc), status=503, code="overloaded", error_type="overloaded_error") from None
-        except RequestTimeoutError as exc:
-            raise APIError(str(exc), status=408, code="timeout", error_type="timeout_error") from None
-        except RequestFailedError as exc:
-            raise APIError(str(exc), status=500) from None
+        except ENGINE_ERRORS as exc:
+            raise _api_error(exc) from None
 
 
 async def _collect(deltas: AsyncIterator[tuple[int, RequestOutput]]) -> list[RequestOutput]:

@@ -125,7 +125,10 @@ def test_a_request_beyond_max_num_waiting_is_refused_before_anything_is_queued(
             asyncio.create_task(stream_token_ids(single_seq_engine.generate(f"waiting-{i}", [100 + i] + PROMPT, SHORT)))
             for i in range(2)
         ]
+        single_seq_engine.check_capacity(2)  # the two about to wait fit
         await asyncio.sleep(0)  # both open their streams
+        with pytest.raises(EngineOverloadedError, match=r"max_num_waiting=2\)"):
+            single_seq_engine.check_capacity(1)
         with pytest.raises(EngineOverloadedError, match=r"max_num_waiting=2\)"):
             await anext(single_seq_engine.generate("refused", PROMPT, SHORT))
         await running.aclose()
