@@ -24,6 +24,7 @@ from handler.config import handler_config
 HANDLER = "handler.llm_handler"
 CONFIG_FILE = "model-config.yaml"
 ARCHIVE_FORMATS = ("no-archive", "default")
+BURST_JOBS = 1024
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 
@@ -70,10 +71,11 @@ def model_yaml(config: dict[str, Any], model: Optional[str], overrides: dict[str
 
 def job_queue_size(config: dict[str, Any]) -> int:
     """Jobs TorchServe's frontend queues for the model: every request its workers' engines admit (running or
-    waiting), so that the engine's own bound, with its OpenAI-style 503, is the one a client meets."""
+    waiting), plus a burst that arrives faster than the frontend hands jobs to the workers; the engines refuse
+    what they cannot queue with an OpenAI-style 503, while a full frontend queue answers with its own."""
     engine = handler_config(config).engine
     workers = config.get("maxWorkers") or config.get("minWorkers") or 1
-    return workers * (engine.max_num_seqs + engine.max_num_waiting)
+    return workers * (engine.max_num_seqs + engine.max_num_waiting) + BURST_JOBS
 
 
 def build_archive(

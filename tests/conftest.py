@@ -215,7 +215,9 @@ async def stream_token_ids(stream: AsyncIterator[RequestOutput]) -> list[int]:
     return [token for output in [out async for out in stream] for token in output.outputs[0].token_ids]
 
 
-def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
+    """Poll `condition` until it holds or `timeout` passes; its last value."""
     deadline = time.monotonic() + timeout
     while not condition() and time.monotonic() < deadline:
         time.sleep(0.01)
+    return condition()
