@@ -50,7 +50,7 @@ LLM_METRICS: dict[str, tuple[MetricTypes, tuple[str, ...]]] = {
     "request_prompt_tokens": (MetricTypes.HISTOGRAM, MODEL),
     "request_generation_tokens": (MetricTypes.HISTOGRAM, MODEL),
 }
-FINISH_REASONS = ("stop", "length", "abort")
+FINISH_REASONS = ("stop", "length", "abort", "timeout", "error")
 SECTIONS = ("ts_metrics", "model_metrics")
 ENTRY_KEYS = ("name", "unit", "dimensions")
 # TorchServe's metric lines allow only word characters in names and units; Prometheus names start with no digit.
