@@ -12,7 +12,7 @@ FAR_TOO_LONG = "far too long"  # replaced by a token-id prompt longer than the s
 
 # (id, route, body or raw bytes, status, param, code)
 CASES: list[tuple[str, str, Any, int, Optional[str], Optional[str]]] = [
-    ("invalid_json", "completions", b'{"prompt": "Hi",', 400, None, None),
+    ("invalid_json", "completions", b'{"prompt": "Hi",', 400, None, "invalid_json"),
     ("body_not_an_object", "completions", ["Hi"], 400, None, None),
     ("missing_prompt", "completions", {"max_tokens": 4}, 400, "prompt", None),
     ("missing_messages", "chat/completions", {"max_tokens": 4}, 400, "messages", None),
