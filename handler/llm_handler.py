@@ -59,6 +59,8 @@ class LLMHandler:
         """Answer one request. Every reply ends with a message that tells the frontend the request is done
         (`ts_stream_next: false`), so that it drops the request; a plain reply would stay in its memory for good."""
         if _is_management_describe(data, context):
+            # The frontend answers a describe in one piece whatever the worker sends; the header only ends the job.
+            context.set_response_header(0, "ts_stream_next", "false")
             return [json.dumps(self.describe())]
         serialize_sends(context.cl_socket)
         self.metrics.bind_loop(asyncio.get_running_loop())

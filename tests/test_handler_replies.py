@@ -69,8 +69,10 @@ def test_an_inference_client_sending_describe_gets_a_completion(worker: WorkerHa
 
 
 def test_the_management_describe_sends_no_input_and_gets_the_engine_state(worker: WorkerHarness) -> None:
-    described = asyncio.run(worker.handler.handle([{}], worker.context({"describe": "True"})))
+    context = worker.context({"describe": "True"})
+    described = asyncio.run(worker.handler.handle([{}], context))
     assert "engine" in json.loads(described[0])
+    assert context.get_response_headers(0)["ts_stream_next"] == "false"  # the frontend drops the job after it
 
 
 def test_models_shows_no_absolute_path(worker: WorkerHarness) -> None:
