@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, TypeVar
 
 from engine.dtypes import TORCH_DTYPES
 from engine.kernel_backend import ATTENTION_BACKENDS
 
 DTYPES = ("auto", *TORCH_DTYPES)
 LOAD_FORMATS = ("auto", "dummy")
+T = TypeVar("T")
 
 
 @dataclass
@@ -57,11 +58,16 @@ class EngineConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "EngineConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown engine key(s) {unknown}; valid keys: {sorted(known)}")
-        return cls(**values)
+        return settings_from_dict(cls, values, "engine")
+
+
+def settings_from_dict(cls: type[T], values: dict[str, Any], where: str) -> T:
+    """`cls(**values)`, refusing with a ValueError that names them any keys that are not fields of `cls`."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown {where} key(s) {unknown}; valid keys: {sorted(known)}")
+    return cls(**values)
 
 
 def _require_positive(config: EngineConfig, *names: str) -> None:

@@ -5,6 +5,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
+from engine.config import settings_from_dict
 from engine.sampling_params import MAX_LOGPROBS, MAX_TEMPERATURE, SamplingParams
 
 Prompt = Union[str, list[int]]
@@ -30,11 +31,7 @@ class RequestLimits:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "RequestLimits":
-        known = {item.name for item in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown handler.limits key(s) {unknown}; valid keys: {sorted(known)}")
-        return cls(**values)
+        return settings_from_dict(cls, values, "handler.limits")
 
 
 class APIError(Exception):

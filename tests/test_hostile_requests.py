@@ -4,6 +4,7 @@ and every KV block is free afterwards."""
 from __future__ import annotations
 
 import json
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator, TypeVar
 
@@ -91,6 +92,20 @@ def test_a_stream_past_its_timeout_ends_with_an_error_event(torchserve: Any, inn
     events = [event.removeprefix("data: ") for event in payload.decode().split("\n\n") if event]
     assert status == 200 and events[-1] == "[DONE]"
     assert json.loads(events[-2])["error"]["code"] == "timeout"
+
+
+def test_a_client_that_leaves_mid_stream_is_ended_by_its_deadline(torchserve: Any, innocent_text: str) -> None:
+    """TorchServe cannot tell the handler that a client went away: the request's deadline ends it."""
+    body = {"prompt": "Hi", "max_tokens": 900, "ignore_eos": True, "timeout": 3, "stream": True}
+    url = f"{torchserve.openai_base_url}/completions"
+
+    def read_one_chunk_and_leave() -> bytes:
+        request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.readline()
+
+    assert beside_innocents(torchserve, innocent_text, read_one_chunk_and_leave).startswith(b"data: {")
+    wait_all_blocks_free(torchserve.management_url, torchserve.model_name, torchserve.model_version, timeout=30)
 
 
 def test_a_client_sending_the_describe_header_gets_its_completion(torchserve: Any, innocent_text: str) -> None:

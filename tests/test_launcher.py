@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Iterator
 
@@ -18,7 +19,8 @@ import psutil
 import pytest
 
 from handler.launcher import parser, split_engine_overrides
-from handler.server import free_ports
+from handler.protocol import RequestLimits
+from handler.server import free_ports, reply_size_limit
 from ts_http import http
 from ts_server import STARTUP_TIMEOUT
 
@@ -102,6 +104,21 @@ def test_the_model_is_ready_behind_the_management_key(launched: Launched) -> Non
     status, described = http(url, method="GET", headers={"Authorization": f"Bearer {launched.keys()['management']}"})
     assert status == 200 and [worker["status"] for worker in described[0]["workers"]] == ["READY"]
     assert http(url, method="GET")[0] != 200
+
+
+def test_the_printed_keys_last_30_days(launched: Launched) -> None:
+    entries = json.loads(launched.key_file.read_text())
+    for kind in ("inference", "management"):
+        expires = datetime.fromisoformat(entries[kind]["expiration time"].replace("Z", "+00:00"))
+        assert timedelta(days=29) < expires - datetime.now(timezone.utc) <= timedelta(days=30)
+
+
+def test_torchserve_settings_keep_metrics_on_loopback_and_bodies_as_bytes(launched: Launched) -> None:
+    lines = (launched.key_file.parent / "config.properties").read_text().splitlines()
+    properties = dict(line.split("=", 1) for line in lines)
+    assert properties["metrics_address"].startswith("http://127.0.0.1:")
+    assert properties["decode_input_request"] == "false"
+    assert int(properties["max_response_size"]) == reply_size_limit(RequestLimits())
 
 
 def test_a_request_without_the_key_is_refused(launched: Launched) -> None:
