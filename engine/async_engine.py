@@ -10,6 +10,7 @@ from typing import Any, AsyncIterator, Callable, Optional, Union
 
 from engine.config import EngineConfig
 from engine.errors import EngineDeadError, EngineOverloadedError
+from engine.host_memory import release_free_heap
 from engine.llm_engine import LLMEngine, Prompt
 from engine.metrics import EngineStats, StatLogger
 from engine.outputs import RequestOutput
@@ -19,6 +20,7 @@ from engine.sequence import Request
 logger = logging.getLogger(__name__)
 
 Command = Union[Request, str]  # a request to add, or the id of a request to abort
+HEAP_RELEASE_INTERVAL_S = 10.0
 
 
 class _Stream:
@@ -64,6 +66,8 @@ class AsyncLLMEngine:
         self._fatal_error: Optional[EngineDeadError] = None
         self._stats_pending = False
         self._next_stats_time = 0.0
+        self._heap_dirty = False
+        self._next_heap_release = time.monotonic() + HEAP_RELEASE_INTERVAL_S
         self._thread = threading.Thread(target=self._run, name="engine-step", daemon=True)
         self._thread.start()
         engine.watch_workers(self._worker_died)
@@ -203,11 +207,21 @@ class AsyncLLMEngine:
             self._step()
         if self._seconds_to_stats() == 0.0:
             self._log_stats()
+        self._release_free_heap(busy)
         if not busy:
             self._wakeup.wait(self._seconds_to_stats())
 
+    def _release_free_heap(self, busy: bool) -> None:
+        """After steps ran: when the engine goes idle, and every HEAP_RELEASE_INTERVAL_S while it is busy."""
+        now = time.monotonic()
+        if self._heap_dirty and (not busy or now >= self._next_heap_release):
+            release_free_heap()
+            self._heap_dirty = busy
+            self._next_heap_release = now + HEAP_RELEASE_INTERVAL_S
+
     def _step(self) -> None:
         self._stats_pending = True
+        self._heap_dirty = True
         outputs = self.engine.step()
         self._num_running = self.engine.num_running_requests()  # before the outputs, which let consumers go on
         for output in outputs:

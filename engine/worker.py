@@ -16,6 +16,7 @@ import torch
 from engine.config import EngineConfig
 from engine.distributed import TPGroup, connect_store, join_group, rank_device
 from engine.dtypes import resolve_dtype
+from engine.host_memory import limit_onednn_primitive_cache
 from engine.kernel_backend import select_backend
 from engine.loader import ModelSource, load_model
 from engine.model_runner import ModelRunner
@@ -30,6 +31,8 @@ class Worker:
     ) -> None:
         _set_threads(config)
         device = rank_device(config.device, tp.rank)
+        if device.type == "cpu":
+            limit_onednn_primitive_cache()
         dtype = resolve_dtype(config.dtype, device)
         logger.info("rank %d: weights and KV cache in %s on %s (dtype %s)", tp.rank, dtype, device, config.dtype)
         backend = select_backend(config.attention_backend, device, dtype)
