@@ -29,6 +29,8 @@ ROUTES = ("v1/completions", "v1/chat/completions", "v1/models")
 # After the engine dies, the worker process lives this long, to send the failed requests' error responses.
 EXIT_DELAY_S = 1.0
 DEFAULT_RESPONSE_TIMEOUT_S = 120.0  # TorchServe's, when the model-config sets no responseTimeout
+
+
 class LLMHandler:
     def __init__(self) -> None:
         self.serving: OpenAIServing | None = None
