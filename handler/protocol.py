@@ -45,11 +45,10 @@ class APIError(Exception):
         code: Optional[str] = None,
         error_type: Optional[str] = None,
     ) -> None:
-        message = _valid_unicode(message)  # it may quote the request, which may hold lone surrogates
         super().__init__(message)
         self.message = message
         self.status = status
-        self.param = None if param is None else _valid_unicode(param)
+        self.param = param
         self.code = code
         self.error_type = error_type or ("invalid_request_error" if status < 500 else "server_error")
 
@@ -307,8 +306,3 @@ def _is_text_part(part: Any) -> bool:
 def _json_type(value: Any) -> str:
     names = {bool: "boolean", int: "integer", float: "number", str: "string", list: "array", dict: "object"}
     return "null" if value is None else names.get(type(value), type(value).__name__)
-
-
-def _valid_unicode(text: str) -> str:
-    """`text` with every lone surrogate replaced by '?': any reply that quotes it is valid UTF-8."""
-    return text.encode("utf-8", "replace").decode("utf-8")
