@@ -29,12 +29,28 @@ class _Stream:
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[Any] = asyncio.Queue()
         self.error: Optional[BaseException] = None
+        self.held: Optional[RequestOutput] = None  # the step thread's tokens not yet due (stream_interval)
+        self.sent_any = False
 
     def put(self, item: Any) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-        except RuntimeError:
-            logger.debug("consumer event loop is closed; dropping an output")
+        _call_in_loop(self.loop, self.queue.put_nowait, item)
+
+    def due(self, output: RequestOutput, interval: int) -> list[Any]:
+        """Step thread: what to hand over now for `output`: nothing while fewer than `interval` new tokens are held
+        back, else everything held merged into one delta. The first tokens and the end never wait; a request that
+        failed hands over what was held, then its failure instead of its last output."""
+        if self.request.failure is not None:
+            held, self.held = self.held, None
+            return [self.request.failure] if held is None else [held, self.request.failure]
+        if self.held is None:
+            self.held = output
+        else:
+            self.held.add(output)
+        held_tokens = max((len(completion.token_ids) for completion in self.held.outputs), default=0)
+        if not output.finished and self.sent_any and held_tokens < interval:
+            return []
+        merged, self.held, self.sent_any = self.held, None, True
+        return [merged]
 
     async def next_output(self) -> RequestOutput:
         """The next delta, merged with every delta already queued behind it: a consumer that falls behind the
@@ -51,6 +67,18 @@ class _Stream:
                 break
             output.add(item)
         return output
+
+
+def _call_in_loop(loop: asyncio.AbstractEventLoop, callback: Callable[..., None], *args: Any) -> None:
+    try:
+        loop.call_soon_threadsafe(callback, *args)
+    except RuntimeError:
+        logger.debug("consumer event loop is closed; dropping an output")
+
+
+def _put_all(items: list[tuple[_Stream, Any]]) -> None:
+    for stream, item in items:
+        stream.queue.put_nowait(item)
 
 
 class AsyncLLMEngine:
@@ -224,8 +252,7 @@ class AsyncLLMEngine:
         self._heap_dirty = True
         outputs = self.engine.step()
         self._num_running = self.engine.num_running_requests()  # before the outputs, which let consumers go on
-        for output in outputs:
-            self._deliver(output)
+        self._deliver(outputs)
 
     def _seconds_to_stats(self) -> Optional[float]:
         """How long an idle loop may sleep before stats are due; None when nothing changed since the last call."""
@@ -260,13 +287,20 @@ class AsyncLLMEngine:
     def _abort_now(self, request_id: str) -> None:
         output = self.engine.abort(request_id)
         if output is not None:
-            self._deliver(output)
+            self._deliver([output])
 
-    def _deliver(self, output: RequestOutput) -> None:
-        """Hand `output` to its stream; a request that ended early hands over its failure instead of its end."""
-        stream = self._streams.get(output.request_id)
-        if stream is not None:
-            stream.put(stream.request.failure or output)
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        """Hand each output that is due to its stream, with one wake-up per consumer event loop for the whole step;
+        a request that ended early hands over its failure after its last tokens."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, Any]]] = {}
+        for output in outputs:
+            stream = self._streams.get(output.request_id)
+            if stream is not None:
+                due = stream.due(output, self.engine.config.stream_interval)
+                by_loop.setdefault(stream.loop, []).extend((stream, item) for item in due)
+        for loop, items in by_loop.items():
+            if items:
+                _call_in_loop(loop, _put_all, items)
 
     def _worker_died(self, error: EngineDeadError) -> None:
         self._fatal_error = error

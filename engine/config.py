@@ -35,6 +35,7 @@ class EngineConfig:
     num_threads: Optional[int] = None  # per rank; default: all cores, split evenly between CPU ranks
     tensor_parallel_size: int = 1
     stats_interval_s: float = 0.5  # AsyncLLMEngine calls its stat loggers at most once per this many seconds
+    stream_interval: int = 1  # AsyncLLMEngine streams every k new tokens (the first and the last at once)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -46,7 +47,8 @@ class EngineConfig:
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
         _require_positive(
-            self, "block_size", "max_num_seqs", "max_num_waiting", "max_num_batched_tokens", "tensor_parallel_size"
+            self, "block_size", "max_num_seqs", "max_num_waiting", "max_num_batched_tokens", "tensor_parallel_size",
+            "stream_interval",
         )
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
