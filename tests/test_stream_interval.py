@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
+from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
 import pytest
@@ -11,6 +13,7 @@ import pytest
 from conftest import PROMPT, track_engine
 from engine import AsyncLLMEngine, EngineConfig, RequestFailedError, SamplingParams
 from engine.outputs import RequestOutput
+from worker_harness import Reply, WorkerHarness
 
 
 @pytest.fixture(scope="module")
@@ -116,3 +119,30 @@ def test_one_wake_up_per_step_for_all_the_streams_of_a_loop(make_engine, monkeyp
     results = asyncio.run(run())
     assert all(sum(sizes(outputs)) == 6 for outputs in results)
     assert counts["wake_ups"] <= counts["steps"] < 8 * 6, counts
+
+
+def sse_chunks(reply: Reply) -> list[dict[str, Any]]:
+    events = reply.body.decode().split("\n\n")
+    assert events[-2:] == ["data: [DONE]", ""]
+    return [json.loads(event.removeprefix("data: ")) for event in events[:-2]]
+
+
+@pytest.mark.parametrize("route, text_of", [
+    ("v1/completions", lambda choice: choice.get("text", "")),
+    ("v1/chat/completions", lambda choice: choice.get("delta", {}).get("content") or ""),
+])
+def test_served_chunks_of_k_tokens_add_up_to_the_whole_reply(
+    make_engine, tmp_path: Path, route: str, text_of: Callable[[dict[str, Any]], str]
+) -> None:
+    worker = WorkerHarness(make_engine(stream_interval=4), tmp_path)
+    body = {"max_tokens": 13, "temperature": 0, "ignore_eos": True, "n": 2}
+    body.update({"prompt": PROMPT} if route == "v1/completions" else {"messages": [{"role": "user", "content": "Hi"}]})
+    whole = asyncio.run(worker.request(route, body)).json()
+    streamed = asyncio.run(worker.request(route, {**body, "stream": True, "stream_options": {"include_usage": True}}))
+    chunks = sse_chunks(streamed)
+    for index in (0, 1):
+        parts = [text_of(c["choices"][0]) for c in chunks if c["choices"] and c["choices"][0]["index"] == index]
+        reference = whole["choices"][index]
+        assert "".join(parts) == reference.get("text", reference.get("message", {}).get("content"))
+        assert len([part for part in parts if part]) <= 4  # 13 tokens as 1 + 4 + 4 + 4
+    assert chunks[-1]["usage"] == whole["usage"]
