@@ -295,12 +295,11 @@ class AsyncLLMEngine:
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, Any]]] = {}
         for output in outputs:
             stream = self._streams.get(output.request_id)
-            if stream is not None:
-                due = stream.due(output, self.engine.config.stream_interval)
+            due = [] if stream is None else stream.due(output, self.engine.config.stream_interval)
+            if due:
                 by_loop.setdefault(stream.loop, []).extend((stream, item) for item in due)
         for loop, items in by_loop.items():
-            if items:
-                _call_in_loop(loop, _put_all, items)
+            _call_in_loop(loop, _put_all, items)
 
     def _worker_died(self, error: EngineDeadError) -> None:
         self._fatal_error = error

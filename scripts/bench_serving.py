@@ -620,19 +620,23 @@ def print_errors(results: list[RequestResult]) -> None:
         print(f"{count} request(s) failed with: {error}")
 
 
-def run_report(result: RunResult, offline: Optional[Result]) -> dict[str, Any]:
+def run_report(result: RunResult, baselines: dict[int, Result]) -> dict[str, Any]:
     report: dict[str, Any] = {
         "server": result.server, "request_rate": rate_label(result.rate), "seed": result.seed,
         "summary": asdict(result.summary), "server_cpu_s": result.server_cpu_s, "client_cpu_s": result.client_cpu_s,
     }
-    if offline is not None and has_offline_baseline(result):
+    offline = offline_baseline_of(result, baselines)
+    if offline is not None:
         report["offline_baseline"] = {**asdict(offline), "serving_over_offline": serving_over_offline(result, offline)}
     return {**report, "requests": per_request(result.requests)}
 
 
-def has_offline_baseline(result: RunResult) -> bool:
-    """The offline baseline is our engine's: it compares with our server, or with the server of --base-url."""
-    return math.isinf(result.rate) and result.server != "vllm"
+def offline_baseline_of(result: RunResult, baselines: dict[int, Result]) -> Optional[Result]:
+    """The offline run of `result`'s prompts, if any. It is our engine's, so it compares with our server or with the
+    server of --base-url, and only for all-at-once runs."""
+    if not math.isinf(result.rate) or result.server == "vllm":
+        return None
+    return baselines.get(result.seed)
 
 
 def serving_over_offline(result: RunResult, offline: Result) -> float:
@@ -648,7 +652,8 @@ def print_runs(results: list[RunResult], baselines: dict[int, Result]) -> None:
     print(f"{'server':<11} {'rate':>5} {'seed':>5} {'out tok/s':>9} {'TTFT p50/p99 ms':>16} "
           f"{'TPOT p50/p99 ms':>16} {'ITL p99':>8} {'server CPU s':>12} {'/offline':>8}")
     for r in results:
-        ratio = serving_over_offline(r, baselines[r.seed]) if r.seed in baselines and has_offline_baseline(r) else None
+        offline = offline_baseline_of(r, baselines)
+        ratio = None if offline is None else serving_over_offline(r, offline)
         s = r.summary
         print(f"{r.server:<11} {rate_label(r.rate)!s:>5} {r.seed:>5} {s.output_tok_s:>9.1f} "
               f"{pair(s.ttft.p50_ms, s.ttft.p99_ms):>16} {pair(s.tpot.p50_ms, s.tpot.p99_ms):>16} "
@@ -705,7 +710,7 @@ def main() -> None:
     print_runs(results, baselines)
     print_side_by_side(results)
     report = {"context": context, "settings": settings(args)}
-    report["runs"] = [run_report(result, baselines.get(result.seed)) for result in results]
+    report["runs"] = [run_report(result, baselines) for result in results]
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
 
