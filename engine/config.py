@@ -10,6 +10,8 @@ from engine.kernel_backend import ATTENTION_BACKENDS
 
 DTYPES = ("auto", *TORCH_DTYPES)
 LOAD_FORMATS = ("auto", "dummy")
+QUANTIZATIONS = ("auto", "none", "int8", "int4")
+KV_CACHE_DTYPES = ("auto", "fp8_e4m3", "fp8_e5m2")
 T = TypeVar("T")
 
 
@@ -36,6 +38,16 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     stats_interval_s: float = 0.5  # AsyncLLMEngine calls its stat loggers at most once per this many seconds
     stream_interval: int = 1  # AsyncLLMEngine streams every k new tokens (the first and the last at once)
+    # Weight-only quantization of the matmul weights (LM head included): int8 per output channel, int4 in groups of
+    # quantization_group_size input columns. auto: a GGUF file's own format (Q4_0/Q4_1 -> int4, Q8_0 -> int8,
+    # other tensors as stored), none for other checkpoints.
+    quantization: str = "auto"
+    quantization_group_size: int = 32
+    # Steps of at least this many rows run a quantized matmul on a bfloat16 copy of its weight kept beside the
+    # quantized one (weight-only kernels lose to dense ones at batch sizes); null: no copy, weights stay small.
+    quantized_dense_rows: Optional[int] = 8
+    kv_cache_dtype: str = "auto"  # auto: the model's dtype; fp8_e4m3 / fp8_e5m2 hold twice the tokens
+    kv_cache_scale: Optional[float] = None  # fp8 cache: stored = value / scale; null: measured per layer at start
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -44,12 +56,16 @@ class EngineConfig:
             raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
         if not isinstance(self.enforce_eager, bool):
             raise ValueError(f"enforce_eager must be true or false, got {self.enforce_eager!r}")
-        if self.load_format not in LOAD_FORMATS:
-            raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
+        _require_choice(self, ("load_format", LOAD_FORMATS), ("quantization", QUANTIZATIONS),
+                        ("kv_cache_dtype", KV_CACHE_DTYPES))
         _require_positive(
             self, "block_size", "max_num_seqs", "max_num_waiting", "max_num_batched_tokens", "tensor_parallel_size",
-            "stream_interval",
+            "stream_interval", "quantization_group_size",
         )
+        if self.quantized_dense_rows is not None:
+            _require_positive(self, "quantized_dense_rows")
+        if self.kv_cache_scale is not None:
+            _require_positive_number(self, "kv_cache_scale")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
         _require_positive_number(self, "kv_cache_memory_gb", "stats_interval_s")
@@ -70,6 +86,12 @@ def settings_from_dict(cls: type[T], values: dict[str, Any], where: str) -> T:
     if unknown:
         raise ValueError(f"unknown {where} key(s) {unknown}; valid keys: {sorted(known)}")
     return cls(**values)
+
+
+def _require_choice(config: EngineConfig, *checks: tuple[str, tuple[str, ...]]) -> None:
+    for name, choices in checks:
+        if getattr(config, name) not in choices:
+            raise ValueError(f"{name} must be one of {choices}, got {getattr(config, name)!r}")
 
 
 def _require_positive(config: EngineConfig, *names: str) -> None:
