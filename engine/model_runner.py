@@ -6,15 +6,17 @@ ranks). Rank 0 builds each step's inputs and sends them to the others, which onl
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import torch
 
+from engine.attention.fp8 import cache_dtype, is_fp8
 from engine.attention.metadata import cache_slots
 from engine.config import EngineConfig
 from engine.cuda_graphs import DecodeGraphs
 from engine.distributed import TPGroup
+from engine.kv_scales import CALIBRATION_TOKENS, calibration_token_ids, recording_kv_amax, scale_for
 from engine.models.config import ModelConfig
 from engine.models.llama import LlamaForCausalLM
 from engine.sampler import Sampler, SamplerOutput
@@ -41,8 +43,8 @@ class SampledStep:
 
 
 class ModelRunner:
-    """Built without a KV cache: the worker sizes it (on CUDA, after `profile_forward`), then calls
-    `allocate_kv_cache` and, for CUDA graphs, `capture_decode_graphs`."""
+    """Built without a KV cache: the worker sets an fp8 cache's scales (`set_kv_scales`), sizes the cache (on CUDA,
+    after `profile_forward`), then calls `allocate_kv_cache` and, for CUDA graphs, `capture_decode_graphs`."""
 
     def __init__(
         self, model: LlamaForCausalLM, model_config: ModelConfig, config: EngineConfig, max_model_len: int,
@@ -55,17 +57,18 @@ class ModelRunner:
         self.block_size = config.block_size
         self.num_kv_blocks = 0
         self.device = model.lm_head.weight.device
+        self.dtype = model.model.norm.weight.dtype
+        self.kv_cache_dtype = cache_dtype(config.kv_cache_dtype, self.dtype)
         self.sampler: Optional[Sampler] = None
         if self.tp.rank == 0:
             self.sampler = Sampler(model_config.vocab_size, model_config.eos_token_ids, config.seed, self.device)
         self.decode_graphs: Optional[DecodeGraphs] = None
 
-    @staticmethod
-    def kv_block_bytes(model: LlamaForCausalLM, block_size: int) -> int:
+    def kv_block_bytes(self) -> int:
         """Bytes one KV block takes in this rank's cache."""
-        attention = model.attention_layers()
-        element_size = model.lm_head.weight.element_size()
-        return 2 * len(attention) * block_size * attention[0].num_kv_heads * attention[0].head_dim * element_size
+        attention = self.model.attention_layers()
+        element_size = self.kv_cache_dtype.itemsize
+        return 2 * len(attention) * self.block_size * attention[0].num_kv_heads * attention[0].head_dim * element_size
 
     @torch.inference_mode()
     def execute(self, batch: list[ScheduledSeq]) -> SampledStep:
@@ -145,12 +148,43 @@ class ModelRunner:
     def allocate_kv_cache(self, num_blocks: int) -> None:
         self._set_kv_cache(num_blocks)
         self.num_kv_blocks = num_blocks
-        gib = num_blocks * self.kv_block_bytes(self.model, self.block_size) / 1024**3
+        gib = num_blocks * self.kv_block_bytes() / 1024**3
         logger.info(
-            "KV cache (rank %d): %d blocks of %d tokens (%.2f GiB): %.1f requests of max_model_len %d at once",
-            self.tp.rank, num_blocks, self.block_size, gib, num_blocks * self.block_size / self.max_model_len,
-            self.max_model_len,
+            "KV cache (rank %d): %d blocks of %d tokens (%.2f GiB, %s): %.1f requests of max_model_len %d at once",
+            self.tp.rank, num_blocks, self.block_size, gib, self._describe_kv_cache_dtype(),
+            num_blocks * self.block_size / self.max_model_len, self.max_model_len,
         )
+
+    def _describe_kv_cache_dtype(self) -> str:
+        model_dtype = str(self.dtype).removeprefix("torch.")
+        if self.kv_cache_dtype == self.dtype:
+            return model_dtype
+        ratio = self.dtype.itemsize / self.kv_cache_dtype.itemsize
+        return f"{self.config.kv_cache_dtype}, {ratio:.1f}x the tokens of {model_dtype}"
+
+    @torch.inference_mode()
+    def set_kv_scales(self) -> None:
+        """An fp8 cache's scales [1] on every attention layer: kv_cache_scale, or measured (engine.kv_scales)."""
+        if not is_fp8(self.kv_cache_dtype):
+            return
+        layers = self.model.attention_layers()
+        fixed = self.config.kv_cache_scale
+        scales = [(fixed, fixed)] * len(layers) if fixed is not None else self._measured_kv_scales()
+        for layer, (k_scale, v_scale) in zip(layers, scales):
+            layer.k_scale = torch.tensor([k_scale], dtype=torch.float32, device=self.device)
+            layer.v_scale = torch.tensor([v_scale], dtype=torch.float32, device=self.device)
+
+    def _measured_kv_scales(self) -> list[tuple[float, float]]:
+        token_ids = calibration_token_ids(self.model.config.vocab_size, min(CALIBRATION_TOKENS, self.max_model_len))
+        inputs = replace(profile_step_inputs(len(token_ids), len(token_ids), 1, self.block_size), input_ids=token_ids)
+        self._set_kv_cache(1, self.dtype)
+        with recording_kv_amax(self.model) as amax:
+            self.run(inputs)
+        self._set_kv_cache(0)
+        scales = [(scale_for(k, self.kv_cache_dtype), scale_for(v, self.kv_cache_dtype)) for k, v in amax]
+        logger.info("rank %d: fp8 KV cache scales measured over %d tokens (k, v per layer): %s", self.tp.rank,
+                    len(token_ids), ", ".join(f"({k:.3g}, {v:.3g})" for k, v in scales))
+        return scales
 
     def capture_decode_graphs(self) -> None:
         self.decode_graphs = DecodeGraphs(
@@ -167,10 +201,11 @@ class ModelRunner:
         self.run(profile_step_inputs(tokens, self.max_model_len, seqs, self.block_size))
         self._set_kv_cache(0)
 
-    def _set_kv_cache(self, num_blocks: int) -> None:
+    def _set_kv_cache(self, num_blocks: int, dtype: Optional[torch.dtype] = None) -> None:
+        """Caches of `num_blocks` on every attention layer, in `dtype` (default: the KV cache's)."""
+        dtype = dtype or self.kv_cache_dtype
         for attention in self.model.attention_layers():
             shape = (num_blocks, self.block_size, attention.num_kv_heads, attention.head_dim)
-            dtype = self.model.lm_head.weight.dtype
             attention.k_cache = torch.zeros(shape, dtype=dtype, device=self.device)
             attention.v_cache = torch.zeros(shape, dtype=dtype, device=self.device)
 

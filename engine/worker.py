@@ -46,6 +46,7 @@ class Worker:
             model.use_native_stack()
             logger.info("rank %d: decoder layers run as one native call per step", tp.rank)
         self.runner = ModelRunner(model, model_config, config, max_position, tp)
+        self.runner.set_kv_scales()
         self.runner.allocate_kv_cache(tp.min(_blocks_that_fit(config, self.runner, device)))
         if device.type == "cuda" and not config.enforce_eager:
             if backend.name == "triton":
@@ -95,7 +96,7 @@ def _set_threads(config: EngineConfig) -> None:
 def _blocks_that_fit(config: EngineConfig, runner: ModelRunner, device: torch.device) -> int:
     if config.num_kv_blocks is not None:
         return config.num_kv_blocks
-    block_bytes = ModelRunner.kv_block_bytes(runner.model, config.block_size)
+    block_bytes = runner.kv_block_bytes()
     if device.type != "cuda":
         return max(int(config.kv_cache_memory_gb * 1024**3 // block_bytes), 1)
     total, peak = _profile_cuda_memory(runner, device)

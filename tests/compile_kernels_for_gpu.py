@@ -27,7 +27,8 @@ from engine.kernels.rotary import apply_rotary
 
 H100 = GPUTarget("cuda", 90, 32)
 H100_SHARED_MEMORY = 227 * 1024  # bytes one block may use
-TYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "i64", torch.int32: "i32"}
+TYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "i64", torch.int32: "i32",
+              torch.float8_e4m3fn: "fp8e4nv", torch.float8_e5m2: "fp8e5"}
 LAUNCH_OPTIONS = ("num_warps", "num_stages")
 
 
@@ -102,12 +103,28 @@ def representative_calls(dtype: torch.dtype) -> list[Callable[[], object]]:
     ]
 
 
+def fp8_cache_calls(dtype: torch.dtype) -> list[Callable[[], object]]:
+    """The cache write and the attention kernels over fp8 caches (e4m3 and e5m2) with their scales."""
+    tables, lens, starts = torch.zeros(2, 4, dtype=torch.long), torch.tensor([40, 64]), torch.tensor([0, 1, 2, 70])
+    q, qkv, scale = torch.zeros(70, 32, 128, dtype=dtype), torch.zeros(70, 48, 128, dtype=dtype), torch.ones(1)
+    calls: list[Callable[[], object]] = []
+    for cache in (torch.zeros(4, 16, 8, 128, dtype=fp8) for fp8 in (torch.float8_e4m3fn, torch.float8_e5m2)):
+        calls += [
+            lambda c=cache: write_kv_cache(qkv[:, 32:40], qkv[:, 40:], c, c, torch.zeros(70, dtype=torch.long), scale,
+                                           scale),
+            lambda c=cache: decode_attention(q[:2], c, c, tables, lens, 0.1, 7, k_scale=scale, v_scale=scale),
+            lambda c=cache: prefill_attention(q, c, c, tables, lens, starts, 2, 1, 68, 0.1, k_scale=scale,
+                                              v_scale=scale),
+        ]
+    return calls
+
+
 def main() -> int:
     if triton.knobs.runtime.interpret:
         raise SystemExit("run without TRITON_INTERPRET: the interpreter compiles nothing")
     failed = 0
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        for launch in record_launches(representative_calls(dtype)):
+        for launch in record_launches(representative_calls(dtype) + fp8_cache_calls(dtype)):
             try:
                 print(f"ok {launch.describe()}: {launch.compile()}", flush=True)
             except Exception as exc:  # report every kernel that fails, not just the first

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Optional
 
 import torch
 
@@ -21,9 +22,12 @@ def paged_attention(
     v_cache: torch.Tensor,
     metadata: AttentionMetadata,
     scale: float,
+    k_scale: Optional[torch.Tensor] = None,
+    v_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Causal attention of q [T, Hq, D] over each sequence's cached context; k, v are this step's keys."""
-    write_kv_cache(k, v, k_cache, v_cache, metadata.slot_mapping)
+    """Causal attention of q [T, Hq, D] over each sequence's cached context; k, v are this step's keys. An fp8
+    cache has a scale for its keys and one for its values (engine.attention.fp8)."""
+    write_kv_cache(k, v, k_cache, v_cache, metadata.slot_mapping, k_scale, v_scale)
     out = torch.empty_like(q)
     num_decodes = metadata.num_decodes
     if num_decodes:
@@ -32,13 +36,13 @@ def paged_attention(
         )
         decode_attention(
             q[:num_decodes], k_cache, v_cache, metadata.block_tables, metadata.context_lens, scale, num_splits,
-            out=out[:num_decodes],
+            out=out[:num_decodes], k_scale=k_scale, v_scale=v_scale,
         )
     num_prefills = metadata.num_seqs - num_decodes
     if num_prefills:
         prefill_attention(
             q, k_cache, v_cache, metadata.block_tables, metadata.context_lens, metadata.query_start_loc,
-            num_decodes, num_prefills, metadata.max_prefill_query_len, scale, out=out,
+            num_decodes, num_prefills, metadata.max_prefill_query_len, scale, out=out, k_scale=k_scale, v_scale=v_scale,
         )
     return out
 

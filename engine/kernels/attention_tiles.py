@@ -2,6 +2,9 @@
 the precision of its matmuls."""
 from __future__ import annotations
 
+from functools import lru_cache
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -33,6 +36,18 @@ def dot_options(dtype: torch.dtype) -> dict[str, object]:
     }
 
 
+def cache_scales(
+    k_scale: Optional[torch.Tensor], v_scale: Optional[torch.Tensor], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scales [1] the kernels read for a cache (engine.attention.fp8): 1 where there is none."""
+    return (_unit_scale(device) if k_scale is None else k_scale), (_unit_scale(device) if v_scale is None else v_scale)
+
+
+@lru_cache(maxsize=None)
+def _unit_scale(device: torch.device) -> torch.Tensor:
+    return torch.ones(1, device=device)
+
+
 @triton.jit
 def attend_kv_tile(
     q, max_score, denominator, acc, k_cache_ptr, v_cache_ptr, block_table_ptr, tokens, valid, visible,
@@ -41,12 +56,13 @@ def attend_kv_tile(
 ):
     """Fold the context `tokens` (loaded where `valid`, through the block table row) into the running softmax of the
     query rows q, each seeing the tokens `visible` [rows, tokens] marks. Returns the new (max_score, denominator,
-    acc); the first tile a row folds must have a visible token."""
+    acc); the first tile a row folds must have a visible token. An fp8 cache's values are read in q's dtype
+    unscaled: `scale` includes the key scale, and the caller multiplies the output by the value scale."""
     block = tl.load(block_table_ptr + tokens // BLOCK_SIZE, mask=valid, other=0)
     cache_rows = block.to(tl.int64) * cache_stride_block + (tokens % BLOCK_SIZE) * cache_stride_token + head_offset
     kv_mask = valid[:, None] & (dims[None, :] < head_dim)
-    k = tl.load(k_cache_ptr + cache_rows[:, None] + dims[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(v_cache_ptr + cache_rows[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+    k = tl.load(k_cache_ptr + cache_rows[:, None] + dims[None, :], mask=kv_mask, other=0.0).to(q.dtype)
+    v = tl.load(v_cache_ptr + cache_rows[:, None] + dims[None, :], mask=kv_mask, other=0.0).to(q.dtype)
     scores = tl.where(visible, tile_dot(q, tl.trans(k), PRECISION, UPCAST) * scale, float("-inf"))
     new_max = tl.maximum(max_score, tl.max(scores, axis=1))
     probs = tl.exp(scores - new_max[:, None])

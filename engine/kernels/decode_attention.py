@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.kernels.attention_tiles import attend_kv_tile, dot_options, head_tile
+from engine.kernels.attention_tiles import attend_kv_tile, cache_scales, dot_options, head_tile
 
 MIN_SPLIT_TOKENS = 256  # a split shorter than this costs more to merge than it saves
 MAX_SPLITS = 64
@@ -20,7 +20,7 @@ MAX_SPLITS = 64
 
 @triton.jit
 def _decode_split_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, out_ptr, lse_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, out_ptr, lse_ptr, k_scale_ptr, v_scale_ptr,
     scale, num_splits, head_dim,
     q_stride_seq, q_stride_head, out_stride_seq, out_stride_head, out_stride_split, lse_stride_seq,
     block_table_stride, cache_stride_block, cache_stride_token,
@@ -32,6 +32,7 @@ def _decode_split_kernel(
     split = tl.program_id(2)
     context_len = tl.load(context_lens_ptr + seq)
     split_len = tl.cdiv(tl.cdiv(context_len, num_splits), BLOCK_N) * BLOCK_N
+    scale = scale * tl.load(k_scale_ptr)
     start = split * split_len
     end = tl.minimum(start + split_len, context_len)
 
@@ -55,7 +56,7 @@ def _decode_split_kernel(
         )
 
     empty = denominator == 0.0  # an empty split, or a padding row with no context
-    out = acc / tl.where(empty, 1.0, denominator)[:, None]
+    out = acc * (tl.load(v_scale_ptr) / tl.where(empty, 1.0, denominator))[:, None]
     out_offsets = seq * out_stride_seq + heads[:, None] * out_stride_head + split * out_stride_split + dims[None, :]
     tl.store(out_ptr + out_offsets, out.to(out_ptr.dtype.element_ty), mask=q_mask)
     if not SINGLE_SPLIT:
@@ -101,9 +102,12 @@ def decode_attention(
     scale: float,
     num_splits: int,
     out: Optional[torch.Tensor] = None,
+    k_scale: Optional[torch.Tensor] = None,
+    v_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """q [B, Hq, D] attends over the first context_lens[b] tokens of block_tables[b] in the caches
-    [num_blocks, block_size, Hkv, D]; returns (or fills) out [B, Hq, D]. A context of 0 gives zeros."""
+    [num_blocks, block_size, Hkv, D]; returns (or fills) out [B, Hq, D]. A context of 0 gives zeros. An fp8 cache
+    reads as its values times k_scale and v_scale [1] (no scale: 1)."""
     batch, num_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     out = torch.empty_like(q) if out is None else out
@@ -116,7 +120,7 @@ def decode_attention(
     split_stride = 0 if single else partial.stride(2)
     block_d = head_tile(head_dim)
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, context_lens, partial, lse,
+        q, k_cache, v_cache, block_tables, context_lens, partial, lse, *cache_scales(k_scale, v_scale, q.device),
         scale, num_splits, head_dim,
         q.stride(0), q.stride(1), partial.stride(0), partial.stride(1), split_stride, lse.stride(0),
         block_tables.stride(0), k_cache.stride(0), k_cache.stride(1),

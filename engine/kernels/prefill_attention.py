@@ -9,13 +9,13 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.kernels.attention_tiles import attend_kv_tile, dot_options, head_tile
+from engine.kernels.attention_tiles import attend_kv_tile, cache_scales, dot_options, head_tile
 
 
 @triton.jit
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, context_lens_ptr, query_start_loc_ptr,
-    scale, first_seq, head_dim,
+    k_scale_ptr, v_scale_ptr, scale, first_seq, head_dim,
     q_stride_token, q_stride_head, out_stride_token, out_stride_head,
     block_table_stride, cache_stride_block, cache_stride_token,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -28,6 +28,7 @@ def _prefill_kernel(
     query_len = tl.load(query_start_loc_ptr + seq + 1) - query_start
     context_len = tl.load(context_lens_ptr + seq)
     prefix_len = context_len - query_len
+    scale = scale * tl.load(k_scale_ptr)
 
     rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     row_valid = rows < query_len
@@ -53,7 +54,7 @@ def _prefill_kernel(
             BLOCK_SIZE, DOT_PRECISION, UPCAST_DOT,
         )
 
-    out = acc / tl.where(denominator == 0.0, 1.0, denominator)[:, None]
+    out = acc * (tl.load(v_scale_ptr) / tl.where(denominator == 0.0, 1.0, denominator))[:, None]
     out_offsets = (query_start + rows)[:, None] * out_stride_token + head * out_stride_head + dims[None, :]
     tl.store(out_ptr + out_offsets, out.to(out_ptr.dtype.element_ty), mask=q_mask)
 
@@ -70,10 +71,12 @@ def prefill_attention(
     max_query_len: int,
     scale: float,
     out: Optional[torch.Tensor] = None,
+    k_scale: Optional[torch.Tensor] = None,
+    v_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Sequences first_seq .. first_seq+num_seqs-1: their query rows q[query_start_loc[i]:query_start_loc[i+1]]
     [*, Hq, D] are the last tokens of their context_lens[i] cached tokens. Fills those rows of out (default: a new
-    tensor like q) and returns it."""
+    tensor like q) and returns it. An fp8 cache reads as its values times k_scale and v_scale [1] (no scale: 1)."""
     num_heads, head_dim = q.shape[1:]
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     out = torch.empty_like(q) if out is None else out
@@ -82,7 +85,7 @@ def prefill_attention(
     block_m = 64 if max_query_len > 32 else 16
     _prefill_kernel[(num_seqs, triton.cdiv(max_query_len, block_m), num_heads)](
         q, k_cache, v_cache, out, block_tables, context_lens, query_start_loc,
-        scale, first_seq, head_dim,
+        *cache_scales(k_scale, v_scale, q.device), scale, first_seq, head_dim,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         block_tables.stride(0), k_cache.stride(0), k_cache.stride(1),
         GROUP=num_heads // num_kv_heads, BLOCK_M=block_m, BLOCK_N=64, BLOCK_D=head_tile(head_dim),

@@ -3,7 +3,7 @@ the residual add, QKV, rotary, KV-cache write, paged attention, O, SwiGLU MLP, l
 between the ops. One tensor-parallel rank only: the C++ loop does no all-reduce."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch import nn
@@ -35,9 +35,11 @@ class NativeDecoderStack:
 
     def __call__(self, hidden: torch.Tensor, angles: Angles, metadata: AttentionMetadata) -> torch.Tensor:
         cos, sin = angles
+        layers = self.attention_layers
         return self.stack.forward(
-            hidden, cos, sin, [layer.k_cache for layer in self.attention_layers],
-            [layer.v_cache for layer in self.attention_layers], metadata.slot_mapping, metadata.block_tables,
+            hidden, cos, sin, [layer.k_cache for layer in layers], [layer.v_cache for layer in layers],
+            [_scale(layer.k_scale) for layer in layers], [_scale(layer.v_scale) for layer in layers],
+            metadata.slot_mapping, metadata.block_tables,
             metadata.context_lens, metadata.query_start_loc,
         )
 
@@ -46,3 +48,8 @@ def _matmul_weights(linear: "PackableMatmul") -> list[torch.Tensor]:
     """(packed, plain, bias), an empty tensor for each that the layer lacks."""
     packed = NO_WEIGHT if linear.packed_weight is None else linear.packed_weight
     return [packed, linear.weight, NO_WEIGHT if linear.bias is None else linear.bias]
+
+
+def _scale(scale: Optional[torch.Tensor]) -> torch.Tensor:
+    """An fp8 cache's scale, or an empty tensor for a cache without one."""
+    return NO_WEIGHT if scale is None else scale

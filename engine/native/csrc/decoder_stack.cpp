@@ -24,6 +24,10 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& weight, const st
   return op.call(x, weight, bias, "none", c10::List<std::optional<at::Scalar>>(), std::nullopt);
 }
 
+std::optional<at::Tensor> scale_or_none(const at::Tensor& scale) {
+  return scale.numel() ? std::optional<at::Tensor>(scale) : std::nullopt;
+}
+
 }  // namespace
 
 DecoderStack::DecoderStack(std::vector<at::Tensor> weights, at::Tensor final_norm, int64_t num_heads,
@@ -43,9 +47,9 @@ at::Tensor DecoderStack::linear(const at::Tensor& x, const Matmul& matmul) {
 }
 
 at::Tensor DecoderStack::attention(const at::Tensor& normed, const LayerWeights& layer, const at::Tensor& cos,
-                                   const at::Tensor& sin, at::Tensor& k_cache, at::Tensor& v_cache,
-                                   const at::Tensor& slot_mapping, const at::Tensor& block_tables,
-                                   const at::Tensor& context_lens, const at::Tensor& query_start_loc) const {
+                                   const at::Tensor& sin, const KVCache& cache, const at::Tensor& slot_mapping,
+                                   const at::Tensor& block_tables, const at::Tensor& context_lens,
+                                   const at::Tensor& query_start_loc) const {
   const int64_t tokens = normed.size(0);
   const int64_t q_size = num_heads_ * head_dim_, kv_size = num_kv_heads_ * head_dim_;
   at::Tensor qkv = linear(normed, layer.qkv);
@@ -54,22 +58,26 @@ at::Tensor DecoderStack::attention(const at::Tensor& normed, const LayerWeights&
   at::Tensor q = qkv.narrow(1, 0, q_size).view({tokens, num_heads_, head_dim_});
   at::Tensor k = qkv.narrow(1, q_size, kv_size).view({tokens, num_kv_heads_, head_dim_});
   at::Tensor v = qkv.narrow(1, q_size + kv_size, kv_size).view({tokens, num_kv_heads_, head_dim_});
-  write_kv_cache(k, v, k_cache, v_cache, slot_mapping);
+  at::Tensor k_cache = cache.k, v_cache = cache.v;
+  write_kv_cache(k, v, k_cache, v_cache, slot_mapping, cache.k_scale, cache.v_scale);
   at::Tensor out = at::empty({tokens, num_heads_, head_dim_}, qkv.options());
-  paged_attention(q, k_cache, v_cache, block_tables, context_lens, query_start_loc, scale_, out);
+  paged_attention(q, k_cache, v_cache, block_tables, context_lens, query_start_loc, scale_, out, cache.k_scale,
+                  cache.v_scale);
   return linear(out.view({tokens, q_size}), layer.o);
 }
 
 at::Tensor DecoderStack::forward(at::Tensor hidden, at::Tensor cos, at::Tensor sin, std::vector<at::Tensor> k_caches,
-                                 std::vector<at::Tensor> v_caches, at::Tensor slot_mapping, at::Tensor block_tables,
+                                 std::vector<at::Tensor> v_caches, std::vector<at::Tensor> k_scales,
+                                 std::vector<at::Tensor> v_scales, at::Tensor slot_mapping, at::Tensor block_tables,
                                  at::Tensor context_lens, at::Tensor query_start_loc) const {
   TORCH_CHECK(k_caches.size() == layers_.size() && v_caches.size() == layers_.size(), "one KV cache per layer");
+  TORCH_CHECK(k_scales.size() == layers_.size() && v_scales.size() == layers_.size(), "one k and v scale per layer");
   at::Tensor residual, normed;
   for (size_t i = 0; i < layers_.size(); ++i) {
     const LayerWeights& layer = layers_[i];
     std::tie(normed, residual) = rms_norm(hidden, residual, layer.input_norm, eps_);
-    hidden = attention(normed, layer, cos, sin, k_caches[i], v_caches[i], slot_mapping, block_tables, context_lens,
-                       query_start_loc);
+    const KVCache cache{k_caches[i], v_caches[i], scale_or_none(k_scales[i]), scale_or_none(v_scales[i])};
+    hidden = attention(normed, layer, cos, sin, cache, slot_mapping, block_tables, context_lens, query_start_loc);
     std::tie(normed, residual) = rms_norm(hidden, residual, layer.post_norm, eps_);
     hidden = linear(silu_and_mul(linear(normed, layer.gate_up)), layer.down);
   }

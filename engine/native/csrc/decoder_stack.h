@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #include <torch/custom_class.h>
 
+#include <optional>
 #include <vector>
 
 namespace pagedserve {
@@ -13,6 +14,12 @@ namespace pagedserve {
 // (empty when there is none).
 struct Matmul {
   at::Tensor packed, plain, bias;
+};
+
+// One layer's KV cache and, for an fp8 cache, its scales (engine/attention/fp8.py; none: 1).
+struct KVCache {
+  at::Tensor k, v;
+  std::optional<at::Tensor> k_scale, v_scale;
 };
 
 struct LayerWeights {
@@ -30,15 +37,17 @@ class DecoderStack : public torch::CustomClassHolder {
   DecoderStack(std::vector<at::Tensor> weights, at::Tensor final_norm, int64_t num_heads, int64_t num_kv_heads,
                int64_t head_dim, double eps);
 
-  // The hidden states after the final norm, for the step's tokens [T, H] embedded; cos, sin [T, D].
+  // The hidden states after the final norm, for the step's tokens [T, H] embedded; cos, sin [T, D]. Each
+  // layer's cache scales are float32 [1] tensors for an fp8 cache, empty tensors otherwise.
   at::Tensor forward(at::Tensor hidden, at::Tensor cos, at::Tensor sin, std::vector<at::Tensor> k_caches,
-                     std::vector<at::Tensor> v_caches, at::Tensor slot_mapping, at::Tensor block_tables,
+                     std::vector<at::Tensor> v_caches, std::vector<at::Tensor> k_scales,
+                     std::vector<at::Tensor> v_scales, at::Tensor slot_mapping, at::Tensor block_tables,
                      at::Tensor context_lens, at::Tensor query_start_loc) const;
 
  private:
   static at::Tensor linear(const at::Tensor& x, const Matmul& matmul);
   at::Tensor attention(const at::Tensor& normed, const LayerWeights& layer, const at::Tensor& cos,
-                       const at::Tensor& sin, at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& slot_mapping,
+                       const at::Tensor& sin, const KVCache& cache, const at::Tensor& slot_mapping,
                        const at::Tensor& block_tables, const at::Tensor& context_lens,
                        const at::Tensor& query_start_loc) const;
 

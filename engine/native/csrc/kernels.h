@@ -8,16 +8,19 @@
 namespace pagedserve {
 
 // Scatters k and v [T, Hkv, D] (rows may be strided) into caches [blocks, block_size, Hkv, D] at flat
-// slots [T]; a negative slot is skipped.
+// slots [T]; a negative slot is skipped. Caches in fp8 store value / scale (engine/attention/fp8.py; a scale is a
+// float32 [1], 1 when absent).
 void write_kv_cache(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
-                    const at::Tensor& slot_mapping);
+                    const at::Tensor& slot_mapping, const std::optional<at::Tensor>& k_scale,
+                    const std::optional<at::Tensor>& v_scale);
 
 // Causal attention of q [T, Hq, D] (rows may be strided) over each sequence's context in the paged cache.
 // Sequence i owns q rows [query_start_loc[i], query_start_loc[i + 1]): the last of its context_lens[i] positions.
-// Writes out [T, Hq, D], contiguous.
+// Writes out [T, Hq, D], contiguous. Caches in fp8 read as their values times k_scale and v_scale.
 void paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                      const at::Tensor& block_tables, const at::Tensor& context_lens, const at::Tensor& query_start_loc,
-                     double scale, at::Tensor& out);
+                     double scale, at::Tensor& out, const std::optional<at::Tensor>& k_scale,
+                     const std::optional<at::Tensor>& v_scale);
 
 // (weight * rms_norm(x + residual), x + residual); with no residual, (weight * rms_norm(x), x).
 std::tuple<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x, const std::optional<at::Tensor>& residual,

@@ -14,6 +14,7 @@
 #include <limits>
 #include <vector>
 
+#include "fp8.h"
 #include "kernels.h"
 #include "vec_utils.h"
 
@@ -44,7 +45,8 @@ struct SplitDecode {
 struct Layout {
   int64_t num_heads, num_kv_heads, head_dim, group, block_size;
   int64_t q_row_stride, cache_token_stride, cache_block_stride;
-  float scale;
+  float scale;    // the softmax scale times the key scale
+  float v_scale;  // the value scale
 };
 
 struct Plan {
@@ -209,8 +211,8 @@ void load_queries(const scalar_t* q, const Task& task, const Layout& layout, Scr
 }
 
 // Keys [first, first + n) of one cache block, converted to float.
-template <typename scalar_t>
-void load_kv_tile(const scalar_t* k_cache, const scalar_t* v_cache, int64_t block, int64_t first, int64_t n,
+template <typename cache_t>
+void load_kv_tile(const cache_t* k_cache, const cache_t* v_cache, int64_t block, int64_t first, int64_t n,
                   int64_t kv_head, const Layout& layout, Scratch& s) {
   const int64_t dim = layout.head_dim;
   const int64_t offset = block * layout.cache_block_stride + kv_head * dim;
@@ -242,9 +244,9 @@ inline void attend_tile(Scratch& s, const Task& task, const Layout& layout, int6
   }
 }
 
-template <typename scalar_t>
-void run_task(const Task& task, const Layout& layout, const scalar_t* q, const scalar_t* k_cache,
-              const scalar_t* v_cache, const int64_t* block_table, Scratch& s) {
+template <typename scalar_t, typename cache_t>
+void run_task(const Task& task, const Layout& layout, const scalar_t* q, const cache_t* k_cache,
+              const cache_t* v_cache, const int64_t* block_table, Scratch& s) {
   load_queries(q, task, layout, s);
   for (int64_t key = task.key_begin; key < task.key_end;) {
     const int64_t first = key % layout.block_size;
@@ -262,7 +264,7 @@ void write_rows(const Task& task, const Layout& layout, const Scratch& s, scalar
     for (int64_t g = 0; g < layout.group; ++g) {
       const int64_t row = (pos - task.query_begin) * layout.group + g;
       scalar_t* dst = out + (pos * layout.num_heads + task.kv_head * layout.group + g) * dim;
-      const float inverse = 1.f / s.sum[row];
+      const float inverse = layout.v_scale / s.sum[row];
       for (int64_t d = 0; d < dim; ++d) dst[d] = static_cast<scalar_t>(s.acc[row * dim + d] * inverse);
     }
   }
@@ -298,17 +300,17 @@ void merge_split(const SplitDecode& split, const Partials& partials, const Layou
       for (int64_t d = 0; d < dim; ++d) merged[d] += partials.acc[at * dim + d] * weight;
     }
     scalar_t* dst = out + (row_of_seq * layout.num_heads + split.kv_head * layout.group + g) * dim;
-    for (int64_t d = 0; d < dim; ++d) dst[d] = static_cast<scalar_t>(merged[d] / total);
+    for (int64_t d = 0; d < dim; ++d) dst[d] = static_cast<scalar_t>(merged[d] / total * layout.v_scale);
   }
 }
 
-template <typename scalar_t>
+template <typename scalar_t, typename cache_t>
 void run_plan(const Plan& plan, const Layout& layout, const at::Tensor& q, const at::Tensor& k_cache,
               const at::Tensor& v_cache, const at::Tensor& block_tables, const at::Tensor& query_start_loc,
               at::Tensor& out) {
   const auto* q_ptr = q.data_ptr<scalar_t>();
-  const auto* k_ptr = k_cache.data_ptr<scalar_t>();
-  const auto* v_ptr = v_cache.data_ptr<scalar_t>();
+  const auto* k_ptr = k_cache.data_ptr<cache_t>();
+  const auto* v_ptr = v_cache.data_ptr<cache_t>();
   const auto* tables = block_tables.data_ptr<int64_t>();
   const int64_t table_width = block_tables.size(1);
   auto* out_ptr = out.data_ptr<scalar_t>();
@@ -348,49 +350,83 @@ void check_metadata(const at::Tensor& block_tables, const at::Tensor& context_le
   TORCH_CHECK(query_start_loc.numel() == context_lens.numel() + 1, "query_start_loc needs one entry per sequence + 1");
 }
 
+void check_cache_dtype(const at::Tensor& x, const at::Tensor& cache) {
+  TORCH_CHECK(cache.scalar_type() == x.scalar_type() || is_fp8(cache.scalar_type()),
+              "a cache must be in the model's dtype or in fp8");
+}
+
+// Rows t of x [T, Hkv, D] (rows may be strided) to cache slots[t] as value / scale in fp8; negative slots skipped.
+template <typename scalar_t, typename fp8_t>
+void write_fp8_rows(const at::Tensor& x, at::Tensor& cache, const int64_t* slots, float scale) {
+  const int64_t row = x.size(1) * x.size(2);
+  const auto* src = x.data_ptr<scalar_t>();
+  auto* dst = cache.data_ptr<fp8_t>();
+  at::parallel_for(0, x.size(0), 16, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      if (slots[t] >= 0) store_fp8(src + t * x.stride(0), dst + slots[t] * row, row, scale);
+    }
+  });
+}
+
+void copy_rows(const at::Tensor& x, at::Tensor& cache, const int64_t* slots) {
+  const int64_t row = x.size(1) * x.size(2) * x.element_size();
+  const auto* src = static_cast<const char*>(x.data_ptr());
+  auto* dst = static_cast<char*>(cache.data_ptr());
+  for (int64_t t = 0; t < x.size(0); ++t) {
+    if (slots[t] >= 0) std::memcpy(dst + slots[t] * row, src + t * x.stride(0) * x.element_size(), row);
+  }
+}
+
+void write_rows_to_cache(const at::Tensor& x, at::Tensor& cache, const int64_t* slots, float scale) {
+  if (!is_fp8(cache.scalar_type())) return copy_rows(x, cache, slots);
+  PAGEDSERVE_DISPATCH(x.scalar_type(), "write_kv_cache", [&] {
+    dispatch_cache<scalar_t>(cache.scalar_type(), [&](auto fp8) {
+      write_fp8_rows<scalar_t, decltype(fp8)>(x, cache, slots, scale);
+    });
+  });
+}
+
 }  // namespace
 
 void write_kv_cache(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
-                    const at::Tensor& slot_mapping) {
+                    const at::Tensor& slot_mapping, const std::optional<at::Tensor>& k_scale,
+                    const std::optional<at::Tensor>& v_scale) {
   RECORD_FUNCTION("pagedserve::write_kv_cache", c10::ArrayRef<const c10::IValue>{});
   check_rows(k, "k");
   check_rows(v, "v");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
-  TORCH_CHECK(k.scalar_type() == k_cache.scalar_type() && v.scalar_type() == v_cache.scalar_type(),
-              "k, v and the caches must share a dtype");
+  TORCH_CHECK(k.scalar_type() == v.scalar_type() && k_cache.scalar_type() == v_cache.scalar_type(),
+              "k and v, and the two caches, must share a dtype");
+  check_cache_dtype(k, k_cache);
   TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.numel() == k.size(0), "one int64 slot per token");
-  const int64_t row = k.size(1) * k.size(2);
-  const int64_t element = k.element_size();
-  const auto* slots = slot_mapping.contiguous().data_ptr<int64_t>();
-  auto* k_dst = static_cast<char*>(k_cache.data_ptr());
-  auto* v_dst = static_cast<char*>(v_cache.data_ptr());
-  for (int64_t t = 0; t < k.size(0); ++t) {
-    if (slots[t] < 0) continue;
-    std::memcpy(k_dst + slots[t] * row * element, static_cast<const char*>(k.data_ptr()) + t * k.stride(0) * element,
-                row * element);
-    std::memcpy(v_dst + slots[t] * row * element, static_cast<const char*>(v.data_ptr()) + t * v.stride(0) * element,
-                row * element);
-  }
+  const at::Tensor slots = slot_mapping.contiguous();
+  write_rows_to_cache(k, k_cache, slots.data_ptr<int64_t>(), scale_value(k_scale));
+  write_rows_to_cache(v, v_cache, slots.data_ptr<int64_t>(), scale_value(v_scale));
 }
 
 void paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                      const at::Tensor& block_tables, const at::Tensor& context_lens, const at::Tensor& query_start_loc,
-                     double scale, at::Tensor& out) {
+                     double scale, at::Tensor& out, const std::optional<at::Tensor>& k_scale,
+                     const std::optional<at::Tensor>& v_scale) {
   RECORD_FUNCTION("pagedserve::paged_attention", c10::ArrayRef<const c10::IValue>{});
   check_rows(q, "q");
   check_metadata(block_tables, context_lens, query_start_loc);
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
                   k_cache.sizes() == v_cache.sizes(), "caches must be contiguous [blocks, block_size, Hkv, D]");
-  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type(), "q and the caches must share a dtype");
+  TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type(), "the caches must share a dtype");
+  check_cache_dtype(q, k_cache);
   const int64_t num_kv_heads = k_cache.size(2);
   TORCH_CHECK(q.size(1) % num_kv_heads == 0 && q.size(2) == k_cache.size(3), "q heads do not match the cache");
   const Layout layout{q.size(1), num_kv_heads, q.size(2), q.size(1) / num_kv_heads, k_cache.size(1), q.stride(0),
-                      num_kv_heads * q.size(2), k_cache.size(1) * num_kv_heads * q.size(2), static_cast<float>(scale)};
+                      num_kv_heads * q.size(2), k_cache.size(1) * num_kv_heads * q.size(2),
+                      static_cast<float>(scale) * scale_value(k_scale), scale_value(v_scale)};
   TORCH_CHECK(out.is_contiguous() && out.sizes() == q.sizes() && out.scalar_type() == q.scalar_type(),
               "out must be a contiguous tensor shaped like q");
   const Plan plan = plan_tasks(context_lens, query_start_loc, num_kv_heads);
   PAGEDSERVE_DISPATCH(q.scalar_type(), "paged_attention", [&] {
-    run_plan<scalar_t>(plan, layout, q, k_cache, v_cache, block_tables, query_start_loc, out);
+    dispatch_cache<scalar_t>(k_cache.scalar_type(), [&](auto cache) {
+      run_plan<scalar_t, decltype(cache)>(plan, layout, q, k_cache, v_cache, block_tables, query_start_loc, out);
+    });
   });
 }
 

@@ -5,10 +5,12 @@
 #include "kernels.h"
 
 TORCH_LIBRARY(pagedserve, m) {
-  m.def("write_kv_cache(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()");
+  m.def(
+      "write_kv_cache(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping, "
+      "Tensor? k_scale=None, Tensor? v_scale=None) -> ()");
   m.def(
       "paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor context_lens, "
-      "Tensor query_start_loc, float scale, Tensor(a!) out) -> ()");
+      "Tensor query_start_loc, float scale, Tensor(a!) out, Tensor? k_scale=None, Tensor? v_scale=None) -> ()");
   m.def("rms_norm(Tensor x, Tensor? residual, Tensor weight, float eps) -> (Tensor, Tensor)");
   m.def("rotary_(Tensor(a!) x, Tensor cos, Tensor sin) -> ()");
   m.def("silu_and_mul(Tensor gate_up) -> Tensor");
