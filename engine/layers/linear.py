@@ -13,14 +13,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.distributed import TPGroup
+from engine.layers.quantized import HoldsCodes, is_codes
 from engine.layers.sharding import Partition
 
 
-class PackableMatmul(nn.Module):
+class PackableMatmul(HoldsCodes):
     """`x @ weight.T + bias`. On CPU in bfloat16, `pack` reorders the weight once into oneDNN's blocked layout, so that
     no matmul pays for that reorder again (twice as fast for one-token steps, faster for batches too); results are
     bit-identical to `F.linear`. A `single_row_matmul` kernel (the native backend's), where set, takes one-row inputs
-    over the plain weight, if `pack` kept it."""
+    over the plain weight, if `pack` kept it. A quantized weight (HoldsCodes) takes the steps of fewer than
+    `dense_rows` rows (all steps without a dense copy)."""
 
     weight: nn.Parameter
     packed_weight: Optional[torch.Tensor] = None
@@ -31,10 +33,12 @@ class PackableMatmul(nn.Module):
         if not can_pack(self.weight):
             return
         self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), None)
-        if not keep_plain_weight:
+        if not keep_plain_weight or self.quantized is not None:
             self.weight.data = self.weight.data.new_empty(0)
 
     def matmul(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.quantized is not None and (self.dense_rows is None or x.shape[0] < self.dense_rows):
+            return self.quantized.matmul(x, bias)
         if self.single_row_matmul is not None and x.shape[0] == 1 and self.weight.numel():
             return self.single_row_matmul(x, self.weight, bias)
         if self.packed_weight is None:
@@ -44,7 +48,7 @@ class PackableMatmul(nn.Module):
 
 def can_pack(weight: torch.Tensor) -> bool:
     return (
-        weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
+        weight.numel() > 0 and weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
         and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     )
 
@@ -64,6 +68,9 @@ class ColumnParallelLinear(PackableMatmul):
         expected = (rows.total, self.weight.shape[1]) if kind == "weight" else (rows.total,)
         check_shape(f"{kind} of part {part}", tensor, expected)
         offset = sum(earlier.size for earlier in self.parts[:part])
+        if is_codes(tensor):
+            self.stage(tensor[rows.start : rows.stop], offset)
+            return
         getattr(self, kind)[offset : offset + rows.size].copy_(tensor[rows.start : rows.stop])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -86,6 +93,9 @@ class RowParallelLinear(PackableMatmul):
             self.bias.copy_(tensor[:])
             return
         check_shape("weight", tensor, (output_size, self.columns.total))
+        if is_codes(tensor):
+            self.stage(tensor[:, self.columns.start : self.columns.stop], 0)
+            return
         self.weight.copy_(tensor[:, self.columns.start : self.columns.stop])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ from engine.layers.attention import Attention
 from engine.layers.embedding import LMHead, VocabEmbedding
 from engine.layers.linear import ColumnParallelLinear, PackableMatmul, RowParallelLinear, check_shape
 from engine.layers.norm import RMSNorm
+from engine.layers.quantized import HoldsCodes, QuantizationPlan
 from engine.layers.rotary import Angles, RotaryEmbedding, apply_rotary
 from engine.layers.sharding import kv_heads, split_evenly
 from engine.models.config import ModelConfig
@@ -120,13 +121,32 @@ class LlamaForCausalLM(nn.Module):
         """Logits on rank 0; None on the other ranks."""
         return self.lm_head(hidden)
 
-    def pack_weights(self, keep_plain_weights: bool = False) -> None:
-        """Reorder the matmul weights for the platform once loaded (see PackableMatmul), keeping the plain ones
-        too when asked."""
+    def pack_weights(self, keep_plain_weights: bool = False, plan: QuantizationPlan = QuantizationPlan()) -> None:
+        """Quantize the matmul weights as `plan` says and reorder the dense ones for the platform once loaded (see
+        PackableMatmul), keeping the plain ones too when asked. An untied embedding stays dense."""
+        embedding, tied = self.model.embed_tokens, self.config.tie_word_embeddings
+        if tied:
+            self.lm_head.staged, embedding.staged = embedding.staged, None
         for module in self.modules():
             if isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
+                module.quantize(plan)
                 module.pack(keep_plain_weight=keep_plain_weights)
-        self.lm_head.pack(keep_plain_weight=keep_plain_weights or self.config.tie_word_embeddings)
+        self.lm_head.quantize(plan, needs_rows=tied)
+        embedding.quantize(QuantizationPlan())
+        if tied:
+            embedding.quantized = self.lm_head.quantized
+        self.lm_head.pack(keep_plain_weight=keep_plain_weights or (tied and self.lm_head.quantized is None))
+
+    def weight_bytes(self) -> tuple[int, int]:
+        """(bytes of the weights as the matmuls read them, quantized or dense, and of the other parameters; bytes of
+        the dense copies kept beside quantized weights)."""
+        holders = [m for m in self.modules() if isinstance(m, HoldsCodes)]
+        packed = {m: m.packed_weight for m in holders if getattr(m, "packed_weight", None) is not None}
+        copies = [t for m in holders if m.quantized is not None for t in (m.weight, packed.get(m)) if t is not None]
+        copy_ids = {id(t) for t in copies}
+        dense = [t for t in [*self.parameters(), *packed.values()] if id(t) not in copy_ids]
+        quantized = {id(m.quantized): m.quantized for m in holders if m.quantized is not None}
+        return _nbytes(dense) + sum(q.nbytes() for q in quantized.values()), _nbytes(copies)
 
     def use_kernels(self, backend: KernelBackend) -> None:
         """Run attention, RMSNorm, rotary, SiLU·mul and one-row matmuls with `backend`'s kernels."""
@@ -189,3 +209,9 @@ class LlamaForCausalLM(nn.Module):
                 expected.add(name)
         return expected
 
+
+
+
+def _nbytes(tensors: list[torch.Tensor]) -> int:
+    unique = {id(t): t for t in tensors}
+    return sum(t.numel() * t.element_size() for t in unique.values())

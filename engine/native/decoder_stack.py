@@ -21,15 +21,17 @@ NO_WEIGHT = torch.empty(0)
 class NativeDecoderStack:
     def __init__(self, layers: nn.ModuleList, final_norm: nn.Module, config: "ModelConfig") -> None:
         weights: list[torch.Tensor] = []
+        dense_rows = 0
         for layer in layers:
             attention, mlp = layer.self_attn, layer.mlp
             weights += [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
             for linear in (attention.qkv_proj, attention.o_proj, mlp.gate_up_proj, mlp.down_proj):
                 weights += _matmul_weights(linear)
+                dense_rows = linear.dense_rows or dense_rows
         attention = layers[0].self_attn.attn
         self.stack = torch.classes.pagedserve.DecoderStack(
             weights, final_norm.weight, attention.num_heads, attention.num_kv_heads, attention.head_dim,
-            config.rms_norm_eps,
+            config.rms_norm_eps, dense_rows,
         )
         self.attention_layers = [layer.self_attn.attn for layer in layers]
 
@@ -45,9 +47,10 @@ class NativeDecoderStack:
 
 
 def _matmul_weights(linear: "PackableMatmul") -> list[torch.Tensor]:
-    """(packed, plain, bias), an empty tensor for each that the layer lacks."""
+    """(packed, plain, bias, quantized, scales), an empty tensor for each that the layer lacks."""
     packed = NO_WEIGHT if linear.packed_weight is None else linear.packed_weight
-    return [packed, linear.weight, NO_WEIGHT if linear.bias is None else linear.bias]
+    quantized = [NO_WEIGHT, NO_WEIGHT] if linear.quantized is None else linear.quantized.tensors()
+    return [packed, linear.weight, NO_WEIGHT if linear.bias is None else linear.bias, *quantized]
 
 
 def _scale(scale: Optional[torch.Tensor]) -> torch.Tensor:

@@ -24,6 +24,13 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& weight, const st
   return op.call(x, weight, bias, "none", c10::List<std::optional<at::Scalar>>(), std::nullopt);
 }
 
+at::Tensor quantized_linear(const at::Tensor& x, const Matmul& matmul) {
+  at::Tensor out = matmul.quantized.scalar_type() == at::kByte
+      ? at::_weight_int4pack_mm_for_cpu(x, matmul.quantized, x.size(1) / matmul.scales.size(0), matmul.scales)
+      : at::_weight_int8pack_mm(x, matmul.quantized, matmul.scales);
+  return matmul.bias.numel() ? out.add_(matmul.bias) : out;
+}
+
 std::optional<at::Tensor> scale_or_none(const at::Tensor& scale) {
   return scale.numel() ? std::optional<at::Tensor>(scale) : std::nullopt;
 }
@@ -31,16 +38,18 @@ std::optional<at::Tensor> scale_or_none(const at::Tensor& scale) {
 }  // namespace
 
 DecoderStack::DecoderStack(std::vector<at::Tensor> weights, at::Tensor final_norm, int64_t num_heads,
-                           int64_t num_kv_heads, int64_t head_dim, double eps)
+                           int64_t num_kv_heads, int64_t head_dim, double eps, int64_t dense_rows)
     : final_norm_(std::move(final_norm)), num_heads_(num_heads), num_kv_heads_(num_kv_heads), head_dim_(head_dim),
-      eps_(eps), scale_(1.0 / std::sqrt(static_cast<double>(head_dim))) {
+      eps_(eps), scale_(1.0 / std::sqrt(static_cast<double>(head_dim))), dense_rows_(dense_rows) {
   TORCH_CHECK(weights.size() % kWeightsPerLayer == 0, "expected ", kWeightsPerLayer, " weights per layer");
   for (auto w = weights.begin(); w != weights.end(); w += kWeightsPerLayer) {
-    layers_.push_back({w[0], w[1], {w[2], w[3], w[4]}, {w[5], w[6], w[7]}, {w[8], w[9], w[10]}, {w[11], w[12], w[13]}});
+    layers_.push_back({w[0], w[1], {w[2], w[3], w[4], w[5], w[6]}, {w[7], w[8], w[9], w[10], w[11]},
+                       {w[12], w[13], w[14], w[15], w[16]}, {w[17], w[18], w[19], w[20], w[21]}});
   }
 }
 
-at::Tensor DecoderStack::linear(const at::Tensor& x, const Matmul& matmul) {
+at::Tensor DecoderStack::linear(const at::Tensor& x, const Matmul& matmul) const {
+  if (matmul.quantized.numel() && (dense_rows_ == 0 || x.size(0) < dense_rows_)) return quantized_linear(x, matmul);
   const std::optional<at::Tensor> bias = bias_or_none(matmul.bias);
   if (x.size(0) == 1 && matmul.plain.numel()) return gemv(x, matmul.plain, bias);
   return matmul.packed.numel() ? packed_linear(x, matmul.packed, bias) : at::linear(x, matmul.plain, bias);

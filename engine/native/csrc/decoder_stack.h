@@ -10,10 +10,11 @@
 
 namespace pagedserve {
 
-// One matmul's weights: oneDNN's packed weight and the plain row-major one (either may be empty), and the bias
-// (empty when there is none).
+// One matmul's weights: oneDNN's packed weight and the plain row-major one (either may be empty), the bias (empty
+// when there is none), and a weight-only quantized weight with its scales (engine/layers/quantized.py: int8 codes
+// [N, K] and scales [N], or ATen's packed int4 codes and scales_and_zeros [K / group, N, 2]; empty when dense).
 struct Matmul {
-  at::Tensor packed, plain, bias;
+  at::Tensor packed, plain, bias, quantized, scales;
 };
 
 // One layer's KV cache and, for an fp8 cache, its scales (engine/attention/fp8.py; none: 1).
@@ -29,13 +30,15 @@ struct LayerWeights {
 
 class DecoderStack : public torch::CustomClassHolder {
  public:
-  static constexpr int64_t kWeightsPerLayer = 14;
+  static constexpr int64_t kWeightsPerLayer = 22;
 
-  // `weights`: per layer input_norm, post_norm, then (packed, plain, bias) of qkv, o, gate_up and down; an empty
-  // tensor for whatever a matmul lacks. One-row steps stream the plain weight when there is one (gemv); others
-  // use the packed weight (PackableMatmul.pack) where there is one.
+  // `weights`: per layer input_norm, post_norm, then (packed, plain, bias, quantized, scales) of qkv, o, gate_up
+  // and down; an empty tensor for whatever a matmul lacks. A quantized matmul runs its weight-only kernel for
+  // steps of fewer than `dense_rows` rows (every step when `dense_rows` is 0), else its dense weights. One-row
+  // steps stream the plain weight when there is one (gemv); others use the packed weight (PackableMatmul.pack)
+  // where there is one.
   DecoderStack(std::vector<at::Tensor> weights, at::Tensor final_norm, int64_t num_heads, int64_t num_kv_heads,
-               int64_t head_dim, double eps);
+               int64_t head_dim, double eps, int64_t dense_rows);
 
   // The hidden states after the final norm, for the step's tokens [T, H] embedded; cos, sin [T, D]. Each
   // layer's cache scales are float32 [1] tensors for an fp8 cache, empty tensors otherwise.
@@ -45,7 +48,7 @@ class DecoderStack : public torch::CustomClassHolder {
                      at::Tensor context_lens, at::Tensor query_start_loc) const;
 
  private:
-  static at::Tensor linear(const at::Tensor& x, const Matmul& matmul);
+  at::Tensor linear(const at::Tensor& x, const Matmul& matmul) const;
   at::Tensor attention(const at::Tensor& normed, const LayerWeights& layer, const at::Tensor& cos,
                        const at::Tensor& sin, const KVCache& cache, const at::Tensor& slot_mapping,
                        const at::Tensor& block_tables, const at::Tensor& context_lens,
@@ -55,6 +58,7 @@ class DecoderStack : public torch::CustomClassHolder {
   at::Tensor final_norm_;
   int64_t num_heads_, num_kv_heads_, head_dim_;
   double eps_, scale_;
+  int64_t dense_rows_;
 };
 
 }  // namespace pagedserve

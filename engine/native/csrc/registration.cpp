@@ -16,7 +16,7 @@ TORCH_LIBRARY(pagedserve, m) {
   m.def("silu_and_mul(Tensor gate_up) -> Tensor");
   m.def("gemv(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.class_<pagedserve::DecoderStack>("DecoderStack")
-      .def(torch::init<std::vector<at::Tensor>, at::Tensor, int64_t, int64_t, int64_t, double>())
+      .def(torch::init<std::vector<at::Tensor>, at::Tensor, int64_t, int64_t, int64_t, double, int64_t>())
       .def("forward", &pagedserve::DecoderStack::forward);
 }
 
