@@ -23,6 +23,7 @@ class KernelBackend:
     apply_rotary: Callable[[torch.Tensor, Angles], torch.Tensor]
     silu_and_mul: Callable[[torch.Tensor], torch.Tensor] = silu_and_mul
     single_row_matmul: Optional[Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]] = None
+    int8_single_row_matmul: Optional[Callable[..., torch.Tensor]] = None  # engine.native.ops's
 
 
 TORCH_BACKEND = KernelBackend("torch", torch_backend.paged_attention, rms_norm, apply_rotary)
@@ -74,7 +75,7 @@ def _native_backend() -> KernelBackend:
 
     return KernelBackend(
         "native", native_backend.paged_attention, ops.rms_norm, ops.apply_rotary,
-        ops.silu_and_mul, ops.single_row_matmul,
+        ops.silu_and_mul, ops.single_row_matmul, ops.int8_single_row_matmul,
     )
 
 

@@ -34,6 +34,7 @@ import torch
 
 from bench_common import cpu_model, git_commit, local_time, print_context
 from engine import LLM, SamplingParams
+from engine.config import QUANTIZATIONS
 from engine.dtypes import resolve_dtype
 from engine.loader import default_model_path, read_model_config, resolve_model
 
@@ -117,6 +118,12 @@ def parse_args() -> argparse.Namespace:
         help="after the systems, measure this machine's matmul-only bound of each workload (bench_limits.py) and "
         "report our throughput as a fraction of it",
     )
+    parser.add_argument(
+        "--quantization", nargs="+", default=["auto"], choices=QUANTIZATIONS,
+        help="our engine's quantization (auto: the GGUF file's own, 4-bit); with several, ours runs once per value, "
+        "as pagedserve-VALUE, and the ratios divide the first",
+    )
+    parser.add_argument("--quantized-dense-rows", help="our engine's quantized_dense_rows (a number, or null)")
     parser.add_argument("--max-num-seqs", type=int, help="our engine's max_num_seqs")
     parser.add_argument("--max-num-batched-tokens", type=int, help="our engine's max_num_batched_tokens")
     parser.add_argument(
@@ -125,8 +132,16 @@ def parse_args() -> argparse.Namespace:
     )
     args = parser.parse_args()
     args.peers = args.peers or list(PEERS)
+    args.ours = ours_systems(args.quantization)
     args.dtype = str(resolve_dtype(args.dtype, torch.device("cpu"))).removeprefix("torch.")
     return args
+
+
+def ours_systems(quantizations: list[str]) -> dict[str, str]:
+    """Our engine's system names, each with its quantization; the first is the one the ratios divide."""
+    if len(quantizations) == 1:
+        return {OURS: quantizations[0]}
+    return {f"{OURS}-{quantization}": quantization for quantization in dict.fromkeys(quantizations)}
 
 
 def random_prompts(num_requests: int, input_len: int, vocab_size: int, seed: int) -> list[list[int]]:
@@ -167,6 +182,8 @@ def run_context(args: argparse.Namespace) -> dict[str, Any]:
         "tensor_parallel_size": args.tensor_parallel_size,
         "attention_backend": args.attention_backend,
         "enforce_eager": args.enforce_eager,
+        "quantization": args.quantization,
+        "quantized_dense_rows": args.quantized_dense_rows,
     }
 
 
@@ -176,11 +193,14 @@ def _transformers_version() -> str:
     return transformers.__version__
 
 
-def ours_generate(args: argparse.Namespace) -> GenerateFn:
+def ours_generate(args: argparse.Namespace, quantization: str) -> GenerateFn:
     engine_args: dict[str, Any] = {
         "dtype": args.dtype, "tensor_parallel_size": args.tensor_parallel_size,
         "attention_backend": args.attention_backend, "enforce_eager": args.enforce_eager,
+        "quantization": quantization,
     }
+    if args.quantized_dense_rows is not None:
+        engine_args["quantized_dense_rows"] = None if args.quantized_dense_rows == "null" else int(args.quantized_dense_rows)
     if args.max_num_seqs is not None:
         engine_args["max_num_seqs"] = args.max_num_seqs
     if args.max_num_batched_tokens is not None:
@@ -309,7 +329,6 @@ def peer_job(system: str, args: argparse.Namespace, workloads: list[Workload]) -
 
 
 SYSTEMS: dict[str, Callable[[argparse.Namespace], Optional[GenerateFn]]] = {
-    OURS: ours_generate,
     "transformers": transformers_generate,
     "transformers-paged": transformers_paged_generate,
 }
@@ -345,7 +364,7 @@ def bench_system(
     if system in SUBPROCESS_PEERS:
         python = getattr(args, PEER_PYTHON[system])
         return run_peer_subprocess(system, python, peer_job(system, args, workloads), warmup, workloads)
-    generate = SYSTEMS[system](args)
+    generate = ours_generate(args, args.ours[system]) if system in args.ours else SYSTEMS[system](args)
     if generate is None:
         print(f"[{system}] skipped: the installed transformers has no generate_batch", flush=True)
         return []
@@ -357,9 +376,9 @@ def bench_system(
     return results
 
 
-def add_ratios(results: list[Result]) -> None:
-    """ours / system output throughput, per workload (1.0 on our own rows)."""
-    ours = {result.workload: result.output_tok_s for result in results if result.system == OURS}
+def add_ratios(results: list[Result], reference: str) -> None:
+    """ours (`reference`) / system output throughput, per workload (1.0 on its own rows)."""
+    ours = {result.workload: result.output_tok_s for result in results if result.system == reference}
     for result in results:
         if result.workload in ours:
             result.ours_over_system = ours[result.workload] / result.output_tok_s
@@ -391,7 +410,7 @@ def workload_limits(args: argparse.Namespace, workloads: list[Workload], results
     print()
     for workload in workloads:
         bound = bench_limits.workload_bound(rates, workload.num_requests, len(workload.prompts[0]), workload.output_len)
-        ours = next(r.output_tok_s for r in results if r.system == OURS and r.workload == workload.name)
+        ours = next(r.output_tok_s for r in results if r.system == next(iter(args.ours)) and r.workload == workload.name)
         limits[workload.name] = {"matmul_bound_out_tok_s": bound, "ours_fraction": ours / bound}
         print(f"{workload.name}: matmul-only bound {bound:.0f} out tok/s; ours {ours:.1f} = {ours / bound:.2f} of it")
     return limits
@@ -411,10 +430,10 @@ def main() -> None:
     warmup = warmup_workload(args.input_len, vocab_size)
 
     results: list[Result] = []
-    for system in [OURS, *dict.fromkeys(args.peers)]:
+    for system in [*args.ours, *dict.fromkeys(args.peers)]:
         results.extend(bench_system(system, args, warmup, workloads))
         gc.collect()  # free this system's model and KV cache before loading the next one
-    add_ratios(results)
+    add_ratios(results, next(iter(args.ours)))
 
     print()
     print_table(results)

@@ -55,7 +55,7 @@ def test_smollm2_bfloat16_logprobs_match_transformers_bfloat16(smollm2_path: Pat
     the other top ones) within the tolerance, and picks our token at almost every position."""
     from transformers import AutoModelForCausalLM
 
-    llm = llm_factory(None, dtype="bfloat16")
+    llm = llm_factory(None, dtype="bfloat16", quantization="none")
     assert llm.engine.runner.model.lm_head.weight.dtype == torch.bfloat16
     tokenizer = llm.get_tokenizer()
     reference = AutoModelForCausalLM.from_pretrained(

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from engine import SamplingParams
+from generation_checks import assert_same_generation, greedy_with_logprobs
 from test_greedy_matches_transformers import PROMPTS, engine_greedy, transformers_greedy
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -33,7 +34,7 @@ def test_cuda_graphs_and_triton_match_the_torch_path_and_transformers(kind: str,
 def test_smollm2_on_cuda_graphs_matches_transformers(smollm2_path: Path, llm_factory) -> None:
     from transformers import AutoModelForCausalLM
 
-    llm = llm_factory(None, device="cuda", max_num_seqs=16)
+    llm = llm_factory(None, device="cuda", max_num_seqs=16, quantization="none")
     tokenizer = llm.get_tokenizer()
     prompts_ids = [tokenizer.encode(prompt) for prompt in PROMPTS]
     reference = AutoModelForCausalLM.from_pretrained(
@@ -46,8 +47,8 @@ def test_smollm2_on_cuda_graphs_matches_transformers(smollm2_path: Path, llm_fac
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_half_precision_runs_end_to_end_with_graphs(dtype: str, llm_factory) -> None:
-    llm = llm_factory(None, device="cuda", dtype=dtype, max_num_seqs=16)
-    exact = llm_factory(None, device="cuda", max_num_seqs=16)
+    llm = llm_factory(None, device="cuda", dtype=dtype, max_num_seqs=16, quantization="none")
+    exact = llm_factory(None, device="cuda", max_num_seqs=16, quantization="none")
     assert llm.engine.runner.model.lm_head.weight.dtype == getattr(torch, dtype)
     tokenizer = llm.get_tokenizer()
     prompts_ids = [tokenizer.encode(prompt) for prompt in PROMPTS]
@@ -65,3 +66,11 @@ def test_every_sampling_option_runs_on_cuda_and_a_seed_repeats(tiny_model, llm_f
     first, second = (llm.generate(["Once upon a time"], params)[0].outputs for _ in range(2))
     assert [out.token_ids for out in first] == [out.token_ids for out in second]
     assert all(len(out.token_ids) >= 4 and len(out.logprobs) == len(out.token_ids) for out in first)
+
+
+@pytest.mark.parametrize("quantization", ["int4", "int8"])
+def test_quantized_weights_run_the_triton_matmul_with_graphs(quantization: str, tiny_model, llm_factory) -> None:
+    folder, settings = tiny_model("qwen2"), dict(device="cuda", quantization=quantization, num_kv_blocks=256)
+    dense = llm_factory(folder, quantized_dense_rows=1, **settings)
+    quantized = llm_factory(folder, quantized_dense_rows=None, **settings)
+    assert_same_generation(greedy_with_logprobs(quantized, PROMPTS, 12), greedy_with_logprobs(dense, PROMPTS, 12))

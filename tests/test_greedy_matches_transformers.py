@@ -54,7 +54,7 @@ def test_tiny_random_model_matches_transformers(kind: str, tiny_model, llm_facto
 def test_smollm2_gguf_matches_transformers(smollm2_path: Path, llm_factory) -> None:
     from transformers import AutoModelForCausalLM
 
-    llm = llm_factory(None)
+    llm = llm_factory(None, quantization="none")  # transformers dequantizes the file
     tokenizer = llm.get_tokenizer()
     reference = AutoModelForCausalLM.from_pretrained(
         str(smollm2_path.parent), gguf_file=smollm2_path.name, dtype=torch.float32

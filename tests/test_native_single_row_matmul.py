@@ -1,6 +1,6 @@
 """The native single-row matmul (gemv) that decode steps of one sequence run over the plain weights, against
 F.linear: float32 and bfloat16, with and without a bias, widths off the vector size; and the engine keeps the plain
-weights beside the packed ones only for it."""
+weights beside the packed ones only for it. Its int8 twin streams weight-only int8 codes."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.native.ops import single_row_matmul
+from engine.layers.quantized import Int8Weight, kernel_codes, quantize
+from engine.native.ops import int8_single_row_matmul, single_row_matmul
 
 TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=1.6e-2, atol=2e-2)}
 
@@ -28,6 +29,21 @@ def test_single_row_matmul_matches_linear(dtype: torch.dtype, out_features: int,
     weight = torch.randn(out_features, in_features, generator=generator).to(dtype)
     bias = torch.randn(out_features, generator=generator).to(dtype) if with_bias else None
     torch.testing.assert_close(single_row_matmul(x, weight, bias), F.linear(x, weight, bias), **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("out_features,in_features", [(960, 576), (49, 1536), (300, 100), (7, 5)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_int8_single_row_matmul_matches_the_dequantized_weight(
+    dtype: torch.dtype, out_features: int, in_features: int, with_bias: bool
+) -> None:
+    generator = torch.Generator().manual_seed(out_features)
+    x = torch.randn(1, in_features, generator=generator).to(dtype)
+    codes = kernel_codes(quantize(torch.randn(out_features, in_features, generator=generator), 8, in_features), dtype)
+    weight = Int8Weight(codes, dtype, torch.device("cpu"))
+    bias = torch.randn(out_features, generator=generator).to(dtype) if with_bias else None
+    expected = F.linear(x.float(), codes.dequantize(), None if bias is None else bias.float()).to(dtype)
+    torch.testing.assert_close(int8_single_row_matmul(x, weight.codes, weight.scales, bias), expected, **TOLERANCE[dtype])
 
 
 def test_a_weight_row_left_out_fails_the_comparison() -> None:

@@ -118,11 +118,21 @@ class QuantizedWeight:
 
 
 class Int8Weight(QuantizedWeight):
+    """Codes [N, K] and scales [N]. A `single_row_matmul` kernel (the native backend's), where set, takes one-row
+    inputs."""
+
+    single_row_matmul: Optional[Callable[..., torch.Tensor]] = None
+
     def __init__(self, codes: GroupCodes, dtype: torch.dtype, device: torch.device) -> None:
         self.codes = codes.codes.to(device)
         self.scales = codes.scale.view(-1).to(dtype=dtype, device=device)
         self.out_features, self.in_features = codes.shape
         self.dtype = dtype
+
+    def matmul(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.single_row_matmul is not None and x.shape[0] == 1:
+            return self.single_row_matmul(x, self.codes, self.scales, bias)
+        return super().matmul(x, bias)
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cuda":

@@ -14,7 +14,7 @@ from engine.layers.attention import Attention
 from engine.layers.embedding import LMHead, VocabEmbedding
 from engine.layers.linear import ColumnParallelLinear, PackableMatmul, RowParallelLinear, check_shape
 from engine.layers.norm import RMSNorm
-from engine.layers.quantized import HoldsCodes, QuantizationPlan
+from engine.layers.quantized import HoldsCodes, Int8Weight, QuantizationPlan
 from engine.layers.rotary import Angles, RotaryEmbedding, apply_rotary
 from engine.layers.sharding import kv_heads, split_evenly
 from engine.models.config import ModelConfig
@@ -149,7 +149,7 @@ class LlamaForCausalLM(nn.Module):
         return _nbytes(dense) + sum(q.nbytes() for q in quantized.values()), _nbytes(copies)
 
     def use_kernels(self, backend: KernelBackend) -> None:
-        """Run attention, RMSNorm, rotary, SiLU·mul and one-row matmuls with `backend`'s kernels."""
+        """Run attention, RMSNorm, rotary, SiLU·mul and one-row matmuls (dense and int8) with `backend`'s kernels."""
         for module in self.modules():
             if isinstance(module, Attention):
                 module.kernel = backend.paged_attention
@@ -161,6 +161,8 @@ class LlamaForCausalLM(nn.Module):
                 module.kernel = backend.silu_and_mul
             if isinstance(module, PackableMatmul):
                 module.single_row_matmul = backend.single_row_matmul
+            if isinstance(module, HoldsCodes) and isinstance(module.quantized, Int8Weight):
+                module.quantized.single_row_matmul = backend.int8_single_row_matmul
 
     def use_native_stack(self) -> None:
         """Run every decoder layer of a step in one native call (CPU, one rank, after `pack_weights`)."""

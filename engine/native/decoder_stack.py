@@ -41,8 +41,7 @@ class NativeDecoderStack:
         return self.stack.forward(
             hidden, cos, sin, [layer.k_cache for layer in layers], [layer.v_cache for layer in layers],
             [_scale(layer.k_scale) for layer in layers], [_scale(layer.v_scale) for layer in layers],
-            metadata.slot_mapping, metadata.block_tables,
-            metadata.context_lens, metadata.query_start_loc,
+            metadata.slot_mapping, metadata.block_tables, metadata.context_lens, metadata.query_start_loc,
         )
 
 

@@ -31,3 +31,10 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 def single_row_matmul(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """x [1, K] @ weight [N, K]^T + bias, streaming the plain weight (a decode step of one sequence)."""
     return torch.ops.pagedserve.gemv(x.contiguous(), weight, bias)
+
+
+def int8_single_row_matmul(
+    x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor]
+) -> torch.Tensor:
+    """x [1, K] @ (codes [N, K] * scales [N, 1])^T + bias, streaming the int8 codes (engine.layers.quantized)."""
+    return torch.ops.pagedserve.int8_gemv(x.contiguous(), codes, scales, bias)

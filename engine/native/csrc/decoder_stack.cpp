@@ -25,6 +25,9 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& weight, const st
 }
 
 at::Tensor quantized_linear(const at::Tensor& x, const Matmul& matmul) {
+  if (x.size(0) == 1 && matmul.quantized.scalar_type() == at::kChar) {
+    return int8_gemv(x, matmul.quantized, matmul.scales, bias_or_none(matmul.bias));
+  }
   at::Tensor out = matmul.quantized.scalar_type() == at::kByte
       ? at::_weight_int4pack_mm_for_cpu(x, matmul.quantized, x.size(1) / matmul.scales.size(0), matmul.scales)
       : at::_weight_int8pack_mm(x, matmul.quantized, matmul.scales);

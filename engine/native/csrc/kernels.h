@@ -34,5 +34,8 @@ at::Tensor silu_and_mul(const at::Tensor& gate_up);
 
 // x [1, K] @ weight [N, K]^T + bias, streaming a plain row-major weight (the single-row decode matmul).
 at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
+// x [1, K] @ (codes [N, K] * scales [N, 1])^T + bias: a one-row int8 weight-only matmul.
+at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
+                     const std::optional<at::Tensor>& bias);
 
 }  // namespace pagedserve

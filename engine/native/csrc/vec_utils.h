@@ -30,6 +30,15 @@ inline Vec load_float(const c10::BFloat16* p, int64_t n = kVecSize) {
   return Vec::loadu(buffer);
 }
 
+inline Vec load_float(const int8_t* p, int64_t n = kVecSize) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if (n == kVecSize) return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+#endif
+  alignas(64) float buffer[kVecSize] = {};
+  for (int64_t i = 0; i < n; ++i) buffer[i] = static_cast<float>(p[i]);
+  return Vec::loadu(buffer);
+}
+
 inline void store_float(float* p, const Vec& v, int64_t n = kVecSize) { v.store(p, n); }
 
 inline void store_float(c10::BFloat16* p, const Vec& v, int64_t n = kVecSize) {
@@ -84,7 +93,7 @@ inline float lane_max(const Vec& v) {
 
 namespace pagedserve {
 
-// a . b for n elements, `a` in float32 or bfloat16, in two independent FMA chains.
+// a . b for n elements, `a` in float32, bfloat16 or int8, in two independent FMA chains.
 template <typename scalar_t>
 inline float dot(const scalar_t* a, const float* b, int64_t n) {
   Vec even(0.f), odd(0.f);
