@@ -9,7 +9,7 @@ sits some 10^-4 (e4m3) or 10^-9 (e5m2) below the calibration's largest.
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 
@@ -37,20 +37,27 @@ def scale_for(amax: float, dtype: torch.dtype) -> float:
 def recording_kv_amax(model: "LlamaForCausalLM") -> Iterator[list[tuple[float, float]]]:
     """Within it, the model runs its attention layers one by one on the PyTorch path, each forward appending the
     (max |k|, max |v|) of each layer to the list it yields."""
-    layers, stack = model.attention_layers(), model.model.native_stack
-    kernels = [layer.kernel for layer in layers]
     amax: list[tuple[float, float]] = []
 
     def record(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *cache_and_metadata: object) -> torch.Tensor:
         amax.append((k.abs().max().item(), v.abs().max().item()))
         return torch_backend.paged_attention(q, k, v, *cache_and_metadata)
 
+    with _layer_by_layer(model, record):
+        yield amax
+
+
+@contextlib.contextmanager
+def _layer_by_layer(model: "LlamaForCausalLM", kernel: Callable[..., torch.Tensor]) -> Iterator[None]:
+    """Within it, every attention layer runs `kernel`, one by one from Python (no native decoder stack)."""
+    layers, stack = model.attention_layers(), model.model.native_stack
+    kernels = [layer.kernel for layer in layers]
     model.model.native_stack = None
     for layer in layers:
-        layer.kernel = record
+        layer.kernel = kernel
     try:
-        yield amax
+        yield
     finally:
         model.model.native_stack = stack
-        for layer, kernel in zip(layers, kernels):
-            layer.kernel = kernel
+        for layer, saved in zip(layers, kernels):
+            layer.kernel = saved

@@ -27,8 +27,10 @@ from engine.kernels.rotary import apply_rotary
 
 H100 = GPUTarget("cuda", 90, 32)
 H100_SHARED_MEMORY = 227 * 1024  # bytes one block may use
-TYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "i64", torch.int32: "i32",
-              torch.float8_e4m3fn: "fp8e4nv", torch.float8_e5m2: "fp8e5"}
+TYPE_NAMES = {
+    torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "i64", torch.int32: "i32",
+    torch.float8_e4m3fn: "fp8e4nv", torch.float8_e5m2: "fp8e5",
+}
 LAUNCH_OPTIONS = ("num_warps", "num_stages")
 
 

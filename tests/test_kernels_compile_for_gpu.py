@@ -25,4 +25,5 @@ def test_every_kernel_compiles_for_sm90_in_every_dtype_and_over_fp8_caches() -> 
     for kernel in FP8_CACHE_KERNELS:
         for dtype in ("bf16", "fp16", "fp32"):
             for cache in ("fp8e4nv", "fp8e5"):
-                assert any(line.startswith(f"ok {kernel}[{dtype}") and cache in line for line in compiled), (kernel, cache)
+                launch = f"ok {kernel}[{dtype}"
+                assert any(line.startswith(launch) and cache in line for line in compiled), (kernel, dtype, cache)

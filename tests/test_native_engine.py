@@ -99,6 +99,11 @@ torch.ops.pagedserve.paged_attention(q, kv.k_cache, kv.v_cache, kv.block_tables,
                                      torch.tensor([0, 1, 2, 12]), 0.125, out)
 for i, rows in enumerate([[0], [1], list(range(2, 12))]):
     assert relative_error(out[rows], reference_attention(q[rows], kv, i, 0.125)) < 1.6e-2, i
+fp8 = [cache.to(torch.float8_e4m3fn) for cache in (kv.k_cache, kv.v_cache)]
+kv.k_cache, kv.v_cache = fp8[0].bfloat16(), fp8[1].bfloat16()
+torch.ops.pagedserve.paged_attention(q, *fp8, kv.block_tables, kv.context_lens, torch.tensor([0, 1, 2, 12]), 0.125, out)
+for i, rows in enumerate([[0], [1], list(range(2, 12))]):
+    assert relative_error(out[rows], reference_attention(q[rows], kv, i, 0.125)) < 1.6e-2, ("fp8", i)
 x, w = torch.randn(5, 100), torch.randn(100)
 torch.testing.assert_close(ops.rms_norm(x, x, w, 1e-5)[0], rms_norm(x, x, w, 1e-5)[0])
 weight = torch.randn(37, 100)
@@ -110,7 +115,7 @@ print("build ok")
 @pytest.mark.parametrize("capability", ["DEFAULT", "AVX2"])
 def test_the_builds_for_other_cpu_capabilities(capability: str) -> None:
     """ATen's portable and AVX2 capabilities (chosen with ATEN_CPU_CAPABILITY, as on CPUs without AVX-512): the
-    kernels compile for them and still match the reference."""
+    kernels compile for them and still match the reference, over a bfloat16 and an fp8 cache."""
     if capability == "AVX2" and torch.backends.cpu.get_cpu_capability() == "DEFAULT":
         pytest.skip("this CPU has no AVX2")
     env = {**os.environ, "ATEN_CPU_CAPABILITY": capability.lower()}

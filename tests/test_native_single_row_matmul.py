@@ -43,7 +43,8 @@ def test_int8_single_row_matmul_matches_the_dequantized_weight(
     weight = Int8Weight(codes, dtype, torch.device("cpu"))
     bias = torch.randn(out_features, generator=generator).to(dtype) if with_bias else None
     expected = F.linear(x.float(), codes.dequantize(), None if bias is None else bias.float()).to(dtype)
-    torch.testing.assert_close(int8_single_row_matmul(x, weight.codes, weight.scales, bias), expected, **TOLERANCE[dtype])
+    tolerance = {**TOLERANCE[dtype], "atol": max(TOLERANCE[dtype]["atol"], 1e-4)}  # sums of 1,536 unit products
+    torch.testing.assert_close(int8_single_row_matmul(x, weight.codes, weight.scales, bias), expected, **tolerance)
 
 
 def test_a_weight_row_left_out_fails_the_comparison() -> None:
