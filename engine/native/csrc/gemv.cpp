@@ -23,14 +23,13 @@ void gemv_rows(const scalar_t* weight, const float* x, const scalar_t* bias, sca
   }
 }
 
-void int8_gemv_rows(const int8_t* codes, const float* scales, const float* x, const float* bias, float* out,
+template <typename scalar_t>
+void int8_gemv_rows(const int8_t* codes, const scalar_t* scales, const float* x, const scalar_t* bias, scalar_t* out,
                     int64_t first, int64_t last, int64_t k) {
-  for (int64_t n = first; n < last; ++n) out[n] = dot(codes + n * k, x, k) * scales[n] + (bias ? bias[n] : 0.f);
-}
-
-std::vector<float> as_floats(const at::Tensor& t) {
-  const at::Tensor values = t.to(at::kFloat).contiguous();
-  return std::vector<float>(values.data_ptr<float>(), values.data_ptr<float>() + values.numel());
+  for (int64_t n = first; n < last; ++n) {
+    const float value = dot(codes + n * k, x, k) * static_cast<float>(scales[n]);
+    out[n] = static_cast<scalar_t>(value + (bias ? static_cast<float>(bias[n]) : 0.f));
+  }
 }
 
 }  // namespace
@@ -41,16 +40,22 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& codes, const at::Ten
   TORCH_CHECK(x.dim() == 2 && x.size(0) == 1 && codes.dim() == 2 && codes.is_contiguous() &&
                   codes.scalar_type() == at::kChar && x.size(1) == codes.size(1) && scales.numel() == codes.size(0),
               "int8_gemv takes x [1, K], contiguous int8 codes [N, K] and scales [N]");
-  const int64_t n = codes.size(0), k = codes.size(1);
-  const std::vector<float> x_float = as_floats(x), scale_float = as_floats(scales);
+  TORCH_CHECK(x.stride(1) == 1 && scales.is_contiguous() && scales.scalar_type() == x.scalar_type(),
+              "int8_gemv: x must have contiguous columns, scales be contiguous and of x's dtype");
   const bool has_bias = bias.has_value() && bias->defined() && bias->numel();
-  const std::vector<float> bias_float = has_bias ? as_floats(*bias) : std::vector<float>();
-  at::Tensor out = at::empty({1, n}, x.options().dtype(at::kFloat));
-  at::parallel_for(0, n, kMinRowsPerTask, [&](int64_t begin, int64_t end) {
-    int8_gemv_rows(codes.data_ptr<int8_t>(), scale_float.data(), x_float.data(), has_bias ? bias_float.data() : nullptr,
-                   out.data_ptr<float>(), begin, end, k);
+  const int64_t n = codes.size(0), k = codes.size(1);
+  at::Tensor out = at::empty({1, n}, x.options());
+  std::vector<float> x_float(k);
+  PAGEDSERVE_DISPATCH(x.scalar_type(), "int8_gemv", [&] {
+    const scalar_t* x_ptr = x.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < k; ++i) x_float[i] = static_cast<float>(x_ptr[i]);
+    const scalar_t* bias_ptr = has_bias ? bias->data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, n, kMinRowsPerTask, [&](int64_t begin, int64_t end) {
+      int8_gemv_rows(codes.data_ptr<int8_t>(), scales.data_ptr<scalar_t>(), x_float.data(), bias_ptr,
+                     out.data_ptr<scalar_t>(), begin, end, k);
+    });
   });
-  return out.to(x.scalar_type());
+  return out;
 }
 
 at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
