@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Union
 
 import numpy as np
 import torch
@@ -18,7 +18,7 @@ logger = logging.getLogger(__name__)
 SUPPORTED_GGUF_ARCHITECTURES = ("llama", "mistral", "qwen2")
 LLAMA_ROTARY_LAYOUT = ("llama", "mistral")  # q/k rows stored interleaved by llama.cpp's converter
 DENSE_TYPES = ("F32", "F16", "BF16")
-BLOCK_SIZE = 32
+Weight = Union[torch.Tensor, GroupCodes]
 _LAYER_TENSORS = {
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
@@ -74,7 +74,7 @@ class GGUFModel:
             eos_token_ids=[eos] if eos is not None else [],
         )
 
-    def weights(self, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor | GroupCodes]]:
+    def weights(self, config: ModelConfig) -> Iterator[tuple[str, Weight]]:
         warned: set[str] = set()
         for tensor in self.reader.tensors:
             name = _hf_name(tensor.name)
@@ -95,7 +95,7 @@ class GGUFModel:
         values = torch.from_numpy(np.array(dequantize(tensor.data, tensor.tensor_type)))
         return values.reshape([int(d) for d in reversed(tensor.shape)])
 
-    def _unpermute(self, name: str, values: torch.Tensor | GroupCodes, config: ModelConfig) -> torch.Tensor | GroupCodes:
+    def _unpermute(self, name: str, values: Weight, config: ModelConfig) -> Weight:
         """llama.cpp stores llama q/k rows interleaved for its rotary layout; restore the half-split order."""
         if self.arch not in LLAMA_ROTARY_LAYOUT or not name.endswith(("q_proj.weight", "k_proj.weight")):
             return values

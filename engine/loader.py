@@ -13,7 +13,7 @@ import torch
 
 from engine.distributed import TPGroup
 from engine.gguf_loader import GGUFModel
-from engine.layers.quantized import QuantizationPlan
+from engine.layers.quantization import QuantizationPlan
 from engine.models.config import ModelConfig
 from engine.models.llama import LlamaForCausalLM
 

@@ -1,5 +1,5 @@
 """What a model predicts for a text: the log-probability of each token given the ones before it in its window,
-and the perplexity over them (how quantization is measured: scripts/quantization_quality.py, its tests)."""
+and the perplexity over them (how quantization is measured: scripts/bench_quality.py and the quantization tests)."""
 from __future__ import annotations
 
 import math

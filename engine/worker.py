@@ -18,7 +18,7 @@ from engine.distributed import TPGroup, connect_store, join_group, rank_device
 from engine.dtypes import resolve_dtype
 from engine.host_memory import limit_onednn_primitive_cache
 from engine.kernel_backend import select_backend
-from engine.layers.quantized import QuantizationPlan
+from engine.layers.quantization import QuantizationPlan
 from engine.loader import ModelSource, load_model
 from engine.model_runner import ModelRunner
 from engine.models.config import ModelConfig

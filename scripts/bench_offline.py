@@ -200,7 +200,8 @@ def ours_generate(args: argparse.Namespace, quantization: str) -> GenerateFn:
         "quantization": quantization,
     }
     if args.quantized_dense_rows is not None:
-        engine_args["quantized_dense_rows"] = None if args.quantized_dense_rows == "null" else int(args.quantized_dense_rows)
+        rows = args.quantized_dense_rows
+        engine_args["quantized_dense_rows"] = None if rows == "null" else int(rows)
     if args.max_num_seqs is not None:
         engine_args["max_num_seqs"] = args.max_num_seqs
     if args.max_num_batched_tokens is not None:
@@ -410,7 +411,8 @@ def workload_limits(args: argparse.Namespace, workloads: list[Workload], results
     print()
     for workload in workloads:
         bound = bench_limits.workload_bound(rates, workload.num_requests, len(workload.prompts[0]), workload.output_len)
-        ours = next(r.output_tok_s for r in results if r.system == next(iter(args.ours)) and r.workload == workload.name)
+        reference = next(iter(args.ours))
+        ours = next(r.output_tok_s for r in results if r.system == reference and r.workload == workload.name)
         limits[workload.name] = {"matmul_bound_out_tok_s": bound, "ours_fraction": ours / bound}
         print(f"{workload.name}: matmul-only bound {bound:.0f} out tok/s; ours {ours:.1f} = {ours / bound:.2f} of it")
     return limits

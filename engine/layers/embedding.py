@@ -13,7 +13,8 @@ from torch import nn
 
 from engine.distributed import TPGroup
 from engine.layers.linear import PackableMatmul, check_shape
-from engine.layers.quantized import GroupCodes, HoldsCodes, is_codes
+from engine.layers.quantization import HoldsCodes
+from engine.layers.quantized import GroupCodes, is_codes
 from engine.layers.sharding import vocab_rows, vocab_rows_per_rank
 
 

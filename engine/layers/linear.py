@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.distributed import TPGroup
-from engine.layers.quantized import HoldsCodes, is_codes
+from engine.layers.quantization import HoldsCodes
+from engine.layers.quantized import is_codes
 from engine.layers.sharding import Partition
 
 
@@ -29,7 +30,8 @@ class PackableMatmul(HoldsCodes):
     single_row_matmul: Optional[Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]] = None
 
     def pack(self, keep_plain_weight: bool = False) -> None:
-        """Reorder the weight if the platform gains from it; the plain weight is freed unless another module shares it."""
+        """Reorder the weight if the platform gains from it; the plain weight is freed unless kept for the native
+        one-row matmul or another module (a quantized layer never keeps it: its one-row steps run quantized)."""
         if not can_pack(self.weight):
             return
         self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), None)
@@ -48,7 +50,8 @@ class PackableMatmul(HoldsCodes):
 
 def can_pack(weight: torch.Tensor) -> bool:
     return (
-        weight.numel() > 0 and weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
+        weight.numel() > 0 and weight.device.type == "cpu" and weight.dtype == torch.bfloat16
+        and torch.backends.mkldnn.is_available()
         and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     )
 

@@ -8,13 +8,9 @@ CPU ATen's weight-only kernels, on CUDA the Triton kernel of engine/kernels/quan
 from __future__ import annotations
 
 from dataclasses import dataclass
-import logging
 from typing import Any, Callable, Optional, Union
 
 import torch
-from torch import nn
-
-logger = logging.getLogger(__name__)
 
 INT4_OFFSET = 8  # 4-bit codes 0..15 stand for (code - 8) * scale + zero
 INT4_GROUP_SIZES = (32, 64, 128, 256)
@@ -110,7 +106,7 @@ class QuantizedWeight:
         raise NotImplementedError
 
     def tensors(self) -> list[torch.Tensor]:
-        """(codes, scales) as the native decoder stack takes them."""
+        """The tensors it holds; on the CPU (codes, scales), as the native decoder stack takes them."""
         raise NotImplementedError
 
     def nbytes(self) -> int:
@@ -227,74 +223,3 @@ def pack_codes(codes: GroupCodes, dtype: torch.dtype, device: torch.device) -> Q
 
 def is_codes(tensor: Any) -> bool:
     return isinstance(tensor, GroupCodes)
-
-
-@dataclass(frozen=True)
-class QuantizationPlan:
-    """EngineConfig's quantization settings, as every layer applies them once its weight is loaded."""
-
-    method: str = "none"
-    group_size: int = 32
-    dense_rows: Optional[int] = None
-
-    def bits_for(self, codes: Optional[GroupCodes]) -> Optional[int]:
-        """The weight's format: None for dense, else 8 or 4 bits (`auto`: the checkpoint's codes, if any)."""
-        if self.method == "auto":
-            return None if codes is None else codes.bits
-        return {"none": None, "int8": 8, "int4": 4}[self.method]
-
-
-class HoldsCodes(nn.Module):
-    """A layer whose checkpoint weight may arrive as GroupCodes: they wait, by first row, until `quantize` decides
-    the weight's format. Once quantized, `quantized` holds the weight and `weight` is empty, or holds a dense copy
-    of the same values for steps of `dense_rows` rows or more."""
-
-    weight: nn.Parameter
-    staged: Optional[dict[int, GroupCodes]] = None
-    quantized: Optional[QuantizedWeight] = None
-    dense_rows: Optional[int] = None
-
-    def stage(self, codes: GroupCodes, first_row: int) -> None:
-        self.staged = {**(self.staged or {}), first_row: codes}
-
-    def quantize(self, plan: QuantizationPlan, needs_rows: bool = False) -> None:
-        """Settle the weight's format; `needs_rows`: the weight also serves embedding lookups."""
-        codes = self._take_codes()
-        bits = plan.bits_for(codes)
-        if codes is not None and bits != codes.bits:
-            self.weight.copy_(codes.dequantize(self.weight.dtype))
-            codes = None
-        if bits is None:
-            return
-        codes = codes if codes is not None else quantize(self.weight, bits, plan.group_size)
-        codes = kernel_codes(self._kernel_takes(codes, needs_rows), self.weight.dtype)
-        self.quantized = pack_codes(codes, self.weight.dtype, self.weight.device)
-        self.dense_rows = plan.dense_rows
-        if plan.dense_rows is None:
-            self.weight.data = self.weight.data.new_empty(0)
-        else:
-            self.weight.copy_(codes.dequantize(self.weight.dtype))
-
-    def _take_codes(self) -> Optional[GroupCodes]:
-        """The whole weight as codes when every row arrived as codes of one format; otherwise None, with the codes
-        that did arrive dequantized into the dense weight."""
-        staged, self.staged = self.staged or {}, None
-        parts = [staged[row] for row in sorted(staged)]
-        formats = {(part.bits, part.group_size, part.zero is None) for part in parts}
-        if parts and len(formats) == 1 and sum(part.shape[0] for part in parts) == self.weight.shape[0]:
-            return concat_rows(parts)
-        for row, part in staged.items():
-            self.weight[row : row + part.shape[0]].copy_(part.dequantize(self.weight.dtype))
-        return None
-
-    def _kernel_takes(self, codes: GroupCodes, needs_rows: bool) -> GroupCodes:
-        """`codes`, or int8 codes of the same weight where the int4 kernel cannot take its shape."""
-        if codes.bits == 8:
-            return codes
-        reason = int4_fits(codes.shape, codes.group_size, self.weight.device)
-        if reason is None and needs_rows and self.weight.device.type == "cpu" and codes.shape[0] % CPU_INT4_ROW_TILE:
-            reason = f"embedding lookups need a multiple of {CPU_INT4_ROW_TILE} rows, not {codes.shape[0]}"
-        if reason is None:
-            return codes
-        logger.warning("a weight of shape %s stays int8, not int4: %s", codes.shape, reason)
-        return quantize(codes.dequantize(), 8, codes.shape[1])

@@ -14,7 +14,8 @@ from engine.layers.attention import Attention
 from engine.layers.embedding import LMHead, VocabEmbedding
 from engine.layers.linear import ColumnParallelLinear, PackableMatmul, RowParallelLinear, check_shape
 from engine.layers.norm import RMSNorm
-from engine.layers.quantized import HoldsCodes, Int8Weight, QuantizationPlan
+from engine.layers.quantization import HoldsCodes, QuantizationPlan
+from engine.layers.quantized import Int8Weight
 from engine.layers.rotary import Angles, RotaryEmbedding, apply_rotary
 from engine.layers.sharding import kv_heads, split_evenly
 from engine.models.config import ModelConfig
