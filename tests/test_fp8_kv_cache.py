@@ -16,7 +16,7 @@ from engine.attention import native_backend, torch_backend, triton_backend
 from engine.attention.fp8 import dequantize, quantize
 from engine.attention.metadata import AttentionMetadata, cache_slots
 from engine.kernels.kv_cache_write import write_kv_cache as triton_write_kv_cache
-from engine.perplexity import _prefill
+from engine.perplexity import perplexity, token_logprobs
 from engine.step_inputs import StepInputs
 from generation_checks import assert_same_generation, greedy_with_logprobs
 from paged_kv import TOLERANCE, relative_error
@@ -219,17 +219,16 @@ def test_measured_scales_are_positive_finite_and_each_layers_own(name: str, tiny
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,min_top1_agreement", [("fp8_e4m3", 0.88), ("fp8_e5m2", 0.78)])
-def test_smollm2_greedy_with_an_fp8_cache_mostly_follows_bfloat16(
-    name: str, min_top1_agreement: float, llm_factory
-) -> None:
-    """Measured: the first generated token of every prompt equal; over 512 tokens of text, bfloat16's next-token
-    argmax is fp8's at 93% (e4m3) and 84% (e5m2) of the positions, and perplexity rises by 0.9% and 2.2%."""
-    settings = dict(dtype="bfloat16", num_kv_blocks=64, quantization="none")
-    bf16, fp8 = llm_factory(None, **settings), llm_factory(None, kv_cache_dtype=name, **settings)
-    greedy = [greedy_with_logprobs(llm, PROMPTS, 4) for llm in (bf16, fp8)]
-    assert [seq[0][0] for seq in greedy[0]] == [seq[0][0] for seq in greedy[1]]
-    text = open(Path(__file__).with_name("data") / "coriolanus_act1.txt").read()
-    token_ids = bf16.get_tokenizer().encode(text)[:512]
-    argmax = [llm.engine.runner.run(_prefill(token_ids, 16)).argmax(-1) for llm in (bf16, fp8)]
-    assert min_top1_agreement < (argmax[0] == argmax[1]).float().mean().item() < 1
+def test_smollm2_with_an_fp8_cache_keeps_bfloat16s_first_tokens_and_nearly_its_perplexity(llm_factory) -> None:
+    """Measured over the text's first 512 tokens: perplexity +1.2% (e4m3) and +1.4% (e5m2) against a bfloat16
+    cache (+0.9% and +2.2% over 2,048 tokens)."""
+    settings = dict(dtype="bfloat16", quantization="none")
+    bf16 = llm_factory(None, **settings)  # test_cpu_bfloat16's engine
+    token_ids = bf16.get_tokenizer().encode((Path(__file__).with_name("data") / "coriolanus_act1.txt").read_text())
+    reference = perplexity(token_logprobs(bf16.engine.runner, token_ids[:512], 512))
+    first_tokens = [seq[0][0] for seq in greedy_with_logprobs(bf16, PROMPTS, 1)]
+    for name, limit in (("fp8_e4m3", 0.02), ("fp8_e5m2", 0.04)):
+        fp8 = llm_factory(None, kv_cache_dtype=name, num_kv_blocks=32, **settings)
+        assert [seq[0][0] for seq in greedy_with_logprobs(fp8, PROMPTS, 1)] == first_tokens, name
+        change = perplexity(token_logprobs(fp8.engine.runner, token_ids[:512], 512)) / reference - 1
+        assert 0 < abs(change) < limit, name

@@ -17,7 +17,7 @@ from generation_checks import assert_same_generation, greedy_with_logprobs
 TEXT = Path(__file__).with_name("data") / "coriolanus_act1.txt"
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a land far away, there lived"]
 CHUNKED = dict(num_kv_blocks=128, block_size=8, max_num_batched_tokens=16)  # chunked prefill, mixed steps
-QUALITY_TOKENS, WINDOW = 1024, 512
+QUALITY_TOKENS = 512
 
 
 @pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
@@ -74,7 +74,7 @@ def test_int4_weights_of_the_embedded_q4_1_file_equal_transformers_dequantizatio
     expected = AutoModelForCausalLM.from_pretrained(
         str(smollm2_path.parent), gguf_file=smollm2_path.name, dtype=torch.float32
     ).state_dict()
-    model = llm_factory(None, dtype="bfloat16", quantized_dense_rows=None, num_kv_blocks=16).engine.runner.model
+    model = llm_factory(None, dtype="bfloat16", quantization="auto").engine.runner.model
     codes = {name: c for name, c in _checkpoint_codes(smollm2_path)}
     for index, layer in enumerate(model.model.layers):
         for name, ours in _dequantized_layer(layer).items():
@@ -85,11 +85,12 @@ def test_int4_weights_of_the_embedded_q4_1_file_equal_transformers_dequantizatio
 
 
 def test_quantization_costs_little_perplexity_and_saves_memory(smollm2_path, llm_factory) -> None:
-    """Bounds from benchmarks/README.md's quality table (its first 1,024 tokens): int8 and the file's own formats
-    within 1% of the dequantized file's perplexity in bfloat16; int4 throughout (the LM head too) within 5%."""
+    """On the text's first 512 tokens, against the dequantized file in bfloat16, measured: perplexity +0.64% (int8),
+    +0.77% (auto), +2.3% (int4, the LM head too; +5.0% over the whole text, benchmarks/README.md); mean |Δ logprob|
+    0.083, 0.061 and 0.27. Bounds: 1% for int8 and auto, 4% for int4."""
     results = {q: _quality(llm_factory, q) for q in ("none", "int8", "auto", "int4")}
     reference = results["none"][0]
-    for method, limit, mean_limit in (("int8", 0.01, 0.12), ("auto", 0.01, 0.1), ("int4", 0.05, 0.4)):
+    for method, limit, mean_limit in (("int8", 0.01, 0.12), ("auto", 0.01, 0.1), ("int4", 0.04, 0.4)):
         logprobs = results[method][0]
         assert perplexity(logprobs) <= perplexity(reference) * (1 + limit), method
         assert (logprobs - reference).abs().mean() < mean_limit, method
@@ -107,9 +108,9 @@ def test_bad_quantization_settings_are_refused(settings: dict) -> None:
 
 def _quality(llm_factory, quantization: str) -> tuple[torch.Tensor, int]:
     """(log-probabilities of the text's first tokens, bytes of the weights without dense copies)."""
-    llm = llm_factory(None, dtype="bfloat16", quantization=quantization, num_kv_blocks=QUALITY_TOKENS // 16)
+    llm = llm_factory(None, dtype="bfloat16", quantization=quantization)  # engines other tests share
     token_ids = llm.get_tokenizer().encode(TEXT.read_text())[:QUALITY_TOKENS]
-    return token_logprobs(llm.engine.runner, token_ids, WINDOW), llm.engine.runner.model.weight_bytes()[0]
+    return token_logprobs(llm.engine.runner, token_ids, QUALITY_TOKENS), llm.engine.runner.model.weight_bytes()[0]
 
 
 def _checkpoint_codes(path: Path):
