@@ -22,6 +22,7 @@ from triton.runtime.jit import JITFunction
 from engine.kernels.decode_attention import decode_attention
 from engine.kernels.kv_cache_write import write_kv_cache
 from engine.kernels.prefill_attention import prefill_attention
+from engine.kernels.quantized_matmul import int4_matmul, int8_matmul
 from engine.kernels.rms_norm import rms_norm
 from engine.kernels.rotary import apply_rotary
 
@@ -29,7 +30,7 @@ H100 = GPUTarget("cuda", 90, 32)
 H100_SHARED_MEMORY = 227 * 1024  # bytes one block may use
 TYPE_NAMES = {
     torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "i64", torch.int32: "i32",
-    torch.float8_e4m3fn: "fp8e4nv", torch.float8_e5m2: "fp8e5",
+    torch.float8_e4m3fn: "fp8e4nv", torch.float8_e5m2: "fp8e5", torch.uint8: "u8", torch.int8: "i8",
 }
 LAUNCH_OPTIONS = ("num_warps", "num_stages")
 
@@ -92,7 +93,11 @@ def representative_calls(dtype: torch.dtype) -> list[Callable[[], object]]:
     qkv = torch.zeros(70, 48, 128, dtype=dtype)
     angles = (torch.zeros(70, 1, 128, dtype=dtype), torch.zeros(70, 1, 128, dtype=dtype))
     hidden, weight = torch.zeros(70, 4096, dtype=dtype), torch.zeros(4096, dtype=dtype)
+    int4 = (torch.zeros(1024, 2048, dtype=torch.uint8), torch.zeros(1024, 128, dtype=dtype))
+    int8 = (torch.zeros(1024, 4096, dtype=torch.int8), torch.zeros(1024, dtype=dtype))
     return [
+        lambda: int4_matmul(hidden, int4[0], int4[1], int4[1]),
+        lambda: int8_matmul(hidden[:1], *int8),
         lambda: write_kv_cache(qkv[:, 32:40], qkv[:, 40:], caches[128], caches[128], torch.zeros(70, dtype=torch.long)),
         lambda: decode_attention(q[128][:2], caches[128], caches[128], tables, lens, 0.1, num_splits=1),
         lambda: decode_attention(q[128][:2], caches[128], caches[128], tables, lens, 0.1, num_splits=7),

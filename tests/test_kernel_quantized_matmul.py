@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from engine.kernels.quantized_matmul import int4_matmul, int8_matmul
-from engine.layers.quantized import Int4NibbleWeight, Int8Weight, kernel_codes, quantize
+from engine.layers.quantized import Int4NibbleWeight, Int8Weight, QuantizedWeight, kernel_codes, quantize
 from paged_kv import DEVICE, TOLERANCE, relative_error
 
 SHAPES = [(1, 96, 64, 32), (5, 200, 128, 64), (33, 64, 256, 32)]  # rows, output features, input features, group
@@ -13,27 +13,23 @@ SHAPES = [(1, 96, 64, 32), (5, 200, 128, 64), (33, 64, 256, 32)]  # rows, output
 
 @pytest.mark.parametrize("rows,out_features,in_features,group_size", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int4_matmul_multiplies_by_the_dequantized_weight(
-    rows: int, out_features: int, in_features: int, group_size: int, dtype: torch.dtype
+@pytest.mark.parametrize("bits", [4, 8])
+def test_weight_only_matmul_multiplies_by_the_dequantized_weight(
+    rows: int, out_features: int, in_features: int, group_size: int, dtype: torch.dtype, bits: int
 ) -> None:
     torch.manual_seed(rows)
-    codes = kernel_codes(quantize(torch.randn(out_features, in_features), 4, group_size), dtype)
-    weight = Int4NibbleWeight(codes, dtype, DEVICE)
+    group_size = group_size if bits == 4 else in_features
+    codes = kernel_codes(quantize(torch.randn(out_features, in_features), bits, group_size), dtype)
     x = torch.randn(rows, in_features).to(DEVICE, dtype)
-    out = int4_matmul(x, weight.packed, weight.scales, weight.zeros)
+    weight, out = _triton_matmul(x, codes, dtype)
     assert relative_error(out.float(), x.float() @ codes.dequantize().to(DEVICE).t()) < TOLERANCE[dtype]
-    ids = torch.tensor([0, out_features - 1], device=DEVICE)
+    ids = torch.tensor([0, out_features - 1], device=DEVICE)  # the tied embedding's lookup
     assert torch.allclose(weight.rows(ids).float(), codes.dequantize(dtype)[ids.cpu()].float().to(DEVICE))
 
 
-@pytest.mark.parametrize("rows,out_features,in_features,group_size", SHAPES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int8_matmul_multiplies_by_the_dequantized_weight(
-    rows: int, out_features: int, in_features: int, group_size: int, dtype: torch.dtype
-) -> None:
-    torch.manual_seed(rows)
-    codes = kernel_codes(quantize(torch.randn(out_features, in_features), 8, in_features), dtype)
+def _triton_matmul(x: torch.Tensor, codes, dtype: torch.dtype) -> tuple[QuantizedWeight, torch.Tensor]:
+    if codes.bits == 4:
+        weight = Int4NibbleWeight(codes, dtype, DEVICE)
+        return weight, int4_matmul(x, weight.packed, weight.scales, weight.zeros)
     weight = Int8Weight(codes, dtype, DEVICE)
-    x = torch.randn(rows, in_features).to(DEVICE, dtype)
-    out = int8_matmul(x, weight.codes, weight.scales)
-    assert relative_error(out.float(), x.float() @ codes.dequantize().to(DEVICE).t()) < TOLERANCE[dtype]
+    return weight, int8_matmul(x, weight.codes, weight.scales)

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 KERNELS = ("_write_kv_cache_kernel", "_decode_split_kernel", "_merge_splits_kernel", "_prefill_kernel",
-           "_rms_norm_kernel", "_rotary_kernel")
+           "_rms_norm_kernel", "_rotary_kernel", "_weight_only_matmul_kernel")
 FP8_CACHE_KERNELS = ("_write_kv_cache_kernel", "_decode_split_kernel", "_prefill_kernel")
 
 

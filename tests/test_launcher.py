@@ -152,6 +152,7 @@ def test_ctrl_c_stops_torchserve_and_leaves_no_process(launched: Launched) -> No
 @pytest.mark.parametrize("args, message", [
     (["--engine.max_num_seq", "8"], r"unknown engine key\(s\) \['max_num_seq'\]"),
     (["--engine.max_num_seqs", "eight"], r"engine\.max_num_seqs: cannot read 'eight' as int"),
+    (["--engine.quantization", "int3"], r"quantization must be one of \('auto', 'none', 'int8', 'int4'\)"),
     (["--config", "{tmp}/typo.yaml"], r"unknown engine key\(s\) \['kv_cache_gb'\]"),
     (["--config", "{tmp}/frontend.yaml"], r"unknown model-config key\(s\) \['minWorker'\]"),
     (["--tensor_parallel_size", "2"], r"9 attention heads are not divisible by 2.*values: \[1, 3\]"),
@@ -173,9 +174,11 @@ def test_engine_overrides_take_the_field_types() -> None:
     args, overrides = split_engine_overrides(parser(), [
         "--model_name", "m", "--engine.max_num_seqs", "8", "--engine.kv_cache_memory_gb=0.5",
         "--engine.enable_prefix_caching", "false", "--engine.max_model_len", "none", "--engine.dtype", "bfloat16",
+        "--engine.quantization", "int4", "--engine.quantized_dense_rows", "null", "--engine.kv_cache_dtype",
+        "fp8_e4m3",
     ])
     assert args.model_name == "m"
     assert overrides == {
         "max_num_seqs": 8, "kv_cache_memory_gb": 0.5, "enable_prefix_caching": False, "max_model_len": None,
-        "dtype": "bfloat16",
+        "dtype": "bfloat16", "quantization": "int4", "quantized_dense_rows": None, "kv_cache_dtype": "fp8_e4m3",
     }

@@ -50,7 +50,7 @@ def test_models_lists_the_served_model_with_its_version(api: Api, torchserve: An
 
 def test_chat_completion_matches_the_offline_engine(api: Api, llm_factory: Any, smollm2_path: str) -> None:
     response = api.chat(messages=CHAT, max_tokens=12, temperature=0)
-    offline = llm_factory(smollm2_path, dtype="auto")  # the served engine's dtype (the default model-config's)
+    offline = llm_factory(smollm2_path, dtype="auto", quantization="none")  # as the served engine (ts_server.py)
     tokenizer = offline.get_tokenizer()
     prompt = tokenizer.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
     token_ids = tokenizer.encode(prompt, add_special_tokens=False)

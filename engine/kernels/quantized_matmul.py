@@ -12,7 +12,7 @@ import triton.language as tl
 from engine.kernels.attention_tiles import dot_options, tile_dot
 
 BLOCK_M, BLOCK_N, BLOCK_K = 16, 64, 32
-INT4_OFFSET = 8
+INT4_OFFSET = tl.constexpr(8)  # 4-bit codes stand for (code - 8) * scale + zero
 
 
 @triton.jit

@@ -213,8 +213,6 @@ class LlamaForCausalLM(nn.Module):
         return expected
 
 
-
-
 def _nbytes(tensors: list[torch.Tensor]) -> int:
     unique = {id(t): t for t in tensors}
     return sum(t.numel() * t.element_size() for t in unique.values())
