@@ -3,6 +3,7 @@ come out as GroupCodes, their codes as stored (the layers decide whether to keep
 dequantized, with a warning that names the format."""
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from pathlib import Path
@@ -122,6 +123,13 @@ class GGUFModel:
         if self.fields.get(f"{self.arch}.rope.scaling.type") == "linear":
             return {"rope_type": "linear", "factor": self.fields[f"{self.arch}.rope.scaling.factor"]}
         return {"rope_type": "default"}
+
+
+@functools.lru_cache(maxsize=4)
+def open_gguf(path: Path) -> GGUFModel:
+    """The file's GGUFModel, parsed once per process (its metadata, a tokenizer's vocabulary among it, takes
+    seconds to read; the tensors stay memory-mapped)."""
+    return GGUFModel(path)
 
 
 def _block_codes(tensor: Any) -> GroupCodes | None:

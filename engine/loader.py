@@ -12,7 +12,7 @@ from typing import Any, Iterator, Optional
 import torch
 
 from engine.distributed import TPGroup
-from engine.gguf_loader import GGUFModel
+from engine.gguf_loader import open_gguf
 from engine.layers.quantization import QuantizationPlan
 from engine.models.config import ModelConfig
 from engine.models.llama import LlamaForCausalLM
@@ -61,7 +61,7 @@ def resolve_model(model: Optional[str]) -> ModelSource:
 
 def read_model_config(source: ModelSource) -> ModelConfig:
     if source.gguf_file:
-        return GGUFModel(source.gguf_file).model_config()
+        return open_gguf(source.gguf_file).model_config()
     config_path = source.path / "config.json"
     try:
         hf_config = json.loads(config_path.read_text())
@@ -105,7 +105,7 @@ def _log_weight_memory(model: LlamaForCausalLM, dense_bytes: int, plan: Quantiza
 
 
 def _load_checkpoint(model: LlamaForCausalLM, source: ModelSource, config: ModelConfig) -> None:
-    weights = GGUFModel(source.gguf_file).weights(config) if source.gguf_file else _safetensors_weights(source.path)
+    weights = open_gguf(source.gguf_file).weights(config) if source.gguf_file else _safetensors_weights(source.path)
     loaded = model.load_weights(weights)
     missing = model.expected_weights() - loaded
     if missing:
