@@ -1,13 +1,18 @@
 """The model-config YAML: TorchServe's frontend keys beside our `handler:` section, both checked for typos."""
 from __future__ import annotations
 
-import os
+import copy
+import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 import yaml
 
 from engine.config import EngineConfig
+from handler.model_paths import path_in_model_dir
+from handler.plugins import Plugin, load_plugins
+from handler.plugins.pipeline import plugin_class
 from handler.protocol import RequestLimits
 
 # The keys TorchServe 0.12.0's frontend and Python worker read from a model-config YAML.
@@ -18,7 +23,7 @@ FRONTEND_KEYS = frozenset({
     "sequenceMaxIdleMSec", "sequenceTimeoutMSec", "maxNumSequence", "maxSequenceJobQueueSize",
     "continuousBatching", "sequenceBatching", "asyncCommunication", "useVenv", "pt2",
 })
-HANDLER_KEYS = ("model", "served_model_name", "chat_template", "engine", "limits")
+HANDLER_KEYS = ("model", "served_model_name", "chat_template", "engine", "limits", "plugins", "embedding_model")
 
 
 @dataclass
@@ -30,6 +35,8 @@ class HandlerConfig:
     chat_template: Optional[str] = None
     engine: EngineConfig = field(default_factory=EngineConfig)
     limits: RequestLimits = field(default_factory=RequestLimits)
+    plugins: list[Plugin] = field(default_factory=list)  # handler.plugins.pipeline: in the order listed
+    embedding_model: Optional[str] = None  # a sentence-transformers folder; None: the packaged all-MiniLM-L6-v2
 
     @classmethod
     def from_dict(cls, section: dict[str, Any], model_dir: Optional[str] = None) -> "HandlerConfig":
@@ -38,14 +45,17 @@ class HandlerConfig:
         if section.get("model") is not None and engine_values.get("model") is not None:
             raise ValueError("handler.model and handler.engine.model are both set; keep one")
         model = section.get("model", engine_values.pop("model", None))
-        for name in ("model", "served_model_name", "chat_template"):
+        for name in ("model", "served_model_name", "chat_template", "embedding_model"):
             value = model if name == "model" else section.get(name)
             if value is not None and (not isinstance(value, str) or not value):
                 raise ValueError(f"handler.{name} must be a non-empty string, got {value!r}")
-        model = _under_model_dir(model, model_dir)
+        model = path_in_model_dir("handler.model", model, model_dir)
         engine = EngineConfig.from_dict({**engine_values, "model": model})
         limits = RequestLimits.from_dict(_mapping("handler.limits", section.get("limits") or {}))
-        return cls(model, section.get("served_model_name"), section.get("chat_template"), engine, limits)
+        plugins = load_plugins(section.get("plugins") or [])
+        embedding_model = path_in_model_dir("handler.embedding_model", section.get("embedding_model"), model_dir)
+        return cls(model, section.get("served_model_name"), section.get("chat_template"), engine, limits, plugins,
+                   embedding_model)
 
 
 def check_model_yaml(config: dict[str, Any]) -> None:
@@ -101,6 +111,26 @@ def _check_parallel(config: dict[str, Any]) -> None:
         )
 
 
+def with_absolute_paths(config: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """`config` with the relative paths of `handler.embedding_model` and of the plugins' path options made
+    absolute from `folder`: a YAML outside a model folder (the launcher's --config) means paths beside itself."""
+    result = copy.deepcopy(config)
+    section = result.get("handler") or {}
+    if isinstance(section.get("embedding_model"), str):
+        section["embedding_model"] = str(folder / Path(section["embedding_model"]).expanduser())
+    for i, entry in enumerate(section.get("plugins") or []):
+        if isinstance(entry, dict) and isinstance(entry.get("options"), dict):
+            cls = plugin_class(f"handler.plugins[{i}]", entry.get("plugin"))
+            entry["options"] = _absolute_options(cls.Options, entry["options"], folder)
+    return result
+
+
+def _absolute_options(options_class: type, options: dict[str, Any], folder: Path) -> dict[str, Any]:
+    paths = {f.name for f in dataclasses.fields(options_class) if f.metadata.get("path")}
+    return {key: str(folder / Path(value).expanduser()) if key in paths and isinstance(value, str) else value
+            for key, value in options.items()}
+
+
 def read_model_yaml(path: str) -> dict[str, Any]:
     with open(path) as f:
         config = yaml.safe_load(f) or {}
@@ -121,13 +151,3 @@ def _reject_unknown(where: str, values: Any, known: Any) -> None:
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise ValueError(f"unknown {where} key(s) {unknown}; valid keys: {sorted(known)}")
-
-
-def _under_model_dir(model: Optional[str], model_dir: Optional[str]) -> Optional[str]:
-    """A relative `model` is a path inside the model folder, and may not leave it (`..`); an absolute one is kept."""
-    if model is None or model_dir is None or os.path.isabs(os.path.expanduser(model)):
-        return model
-    inside = os.path.normpath(os.path.join(model_dir, model))
-    if os.path.relpath(inside, model_dir).split(os.sep)[0] == os.pardir:
-        raise ValueError(f"handler.model {model!r} leaves the model folder; give an absolute path for weights elsewhere")
-    return inside

@@ -18,7 +18,7 @@ from typing import Any, NoReturn, Optional
 from engine.config import EngineConfig
 from engine.layers.sharding import check_tp_size
 from engine.loader import read_model_config, resolve_model
-from handler.config import handler_config, read_model_yaml, with_tensor_parallel_size
+from handler.config import handler_config, read_model_yaml, with_absolute_paths, with_tensor_parallel_size
 from handler.metrics import default_metrics_config
 from handler.model_store import build_archive, engine_overrides, model_yaml
 from handler.server import ServedModel, ServerConfig, TorchServeProcess, reply_size_limit
@@ -123,7 +123,7 @@ def apply_tensor_parallel_size(config: dict[str, Any], requested: Optional[int])
 
 def base_config(path: Optional[Path]) -> dict[str, Any]:
     if path is not None:
-        return read_model_yaml(str(path))
+        return with_absolute_paths(read_model_yaml(str(path)), path.resolve().parent)
     return read_model_yaml(str(DEFAULT_CONFIG)) if DEFAULT_CONFIG.is_file() else FALLBACK_CONFIG
 
 

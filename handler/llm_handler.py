@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import json
 import logging
 import os
 import threading
 from http import HTTPStatus
+from pathlib import Path
 from contextlib import aclosing
 from typing import Any, AsyncIterator
 
@@ -15,17 +17,20 @@ from ts.context import Context
 from ts.handler_utils.utils import send_intermediate_predict_response
 from ts.protocol.otf_message_handler import create_predict_response
 
-from engine import AsyncLLMEngine, EngineDeadError
-from engine.loader import default_model_path
-from handler.config import handler_config
+from engine import AsyncLLMEngine, EngineConfig, EngineDeadError
+from engine.loader import default_model_path, resolve_model
+from engine.tokenizer import load_tokenizer
+from handler.config import HandlerConfig, handler_config
+from handler.embedding_serving import EmbeddingServing
 from handler.json_body import request_body
 from handler.metrics import TorchServeMetrics
 from handler.openai_serving import SSE_DONE, OpenAIServing, sse_event
+from handler.plugins import PluginContext, PluginPipeline
 from handler.protocol import APIError
 from handler.worker_socket import serialize_sends
 
 logger = logging.getLogger(__name__)
-ROUTES = ("v1/completions", "v1/chat/completions", "v1/models")
+ROUTES = ("v1/completions", "v1/chat/completions", "v1/embeddings", "v1/models")
 # After the engine dies, the worker process lives this long, to send the failed requests' error responses.
 EXIT_DELAY_S = 1.0
 DEFAULT_RESPONSE_TIMEOUT_S = 120.0  # TorchServe's, when the model-config sets no responseTimeout
@@ -34,28 +39,43 @@ DEFAULT_RESPONSE_TIMEOUT_S = 120.0  # TorchServe's, when the model-config sets n
 class LLMHandler:
     def __init__(self) -> None:
         self.serving: OpenAIServing | None = None
+        self.embeddings: EmbeddingServing | None = None
         self.metrics: TorchServeMetrics | None = None
         self.initialized = False
 
     def initialize(self, ctx: Context) -> None:
-        config = handler_config(ctx.model_yaml_config, ctx.system_properties["model_dir"])
+        """Plugins first (they may take part of the worker's memory budget), then the main engine."""
+        model_dir = ctx.system_properties["model_dir"]
+        config = handler_config(ctx.model_yaml_config, model_dir)
         config.engine.device = assigned_device(config.engine.device, ctx)
-        engine = AsyncLLMEngine.from_config(config.engine)
-        engine.add_death_callback(_exit_for_restart)
         version = (ctx.manifest or {}).get("model", {}).get("modelVersion", "1.0")
+        served_model_name = config.served_model_name or ctx.model_name
+        self.metrics = TorchServeMetrics(ctx.metrics, ctx.model_name, version)
+        self.embeddings = EmbeddingServing(config.embedding_model, served_model_name)
+        pipeline = PluginPipeline(config.plugins)
+        pipeline.initialize(self._plugin_context(model_dir, config))
+        engine = AsyncLLMEngine.from_config(budget_after_plugins(config.engine, pipeline.reserved_kv_cache_gb()))
+        engine.add_death_callback(_exit_for_restart)
         self.serving = OpenAIServing(
             engine,
-            config.served_model_name or ctx.model_name,
+            served_model_name,
             version,
             config.model or str(default_model_path()),
             config.chat_template,
             config.limits,
             float(ctx.model_yaml_config.get("responseTimeout", DEFAULT_RESPONSE_TIMEOUT_S)),
+            pipeline,
         )
-        self.metrics = TorchServeMetrics(ctx.metrics, ctx.model_name, version)
         self.metrics.start(engine.stats())
         engine.add_stat_logger(self.metrics.record)
         self.initialized = True
+
+    def _plugin_context(self, model_dir: str, config: HandlerConfig) -> PluginContext:
+        engine_config = config.engine
+        tokenizer = functools.cache(
+            lambda: load_tokenizer(resolve_model(engine_config.model), engine_config.tokenizer, required=True)
+        )
+        return PluginContext(Path(model_dir), engine_config, tokenizer, self.embeddings.model, self.metrics.emit)
 
     async def handle(self, data: list[dict[str, Any]], context: Context) -> list[str]:
         """Answer one request. Every reply ends with a message that tells the frontend the request is done
@@ -98,6 +118,8 @@ class LLMHandler:
             return await self.serving.create_completion(request_body(row), request_id)
         if route == "v1/chat/completions":
             return await self.serving.create_chat_completion(request_body(row), request_id)
+        if route == "v1/embeddings":
+            return await self.embeddings.create_embedding(request_body(row))
         raise APIError(f"unknown route {route!r}; this model serves {', '.join(ROUTES)}", status=404, code="unknown_url")
 
     async def _stream(self, events: AsyncIterator[str], context: Context) -> str:
@@ -156,6 +178,20 @@ def assigned_device(device: str, ctx: Context) -> str:
     if device != "cuda" or gpu_id is None or gpu_id < 0 or ctx.model_yaml_config.get("parallelType") == "custom":
         return device
     return f"cuda:{gpu_id}"
+
+
+def budget_after_plugins(config: EngineConfig, reserved_gb: float) -> EngineConfig:
+    """The main engine's settings once plugins' own engines took `reserved_gb` of the CPU KV-cache budget. On a
+    GPU nothing changes: plugins allocate first, and the main engine sizes its cache from what is left."""
+    if reserved_gb == 0 or config.device != "cpu" or config.num_kv_blocks is not None:
+        return config
+    left = config.kv_cache_memory_gb - reserved_gb
+    if left <= 0:
+        raise ValueError(f"plugins hold {reserved_gb:.2f} GiB of KV cache, all of kv_cache_memory_gb "
+                         f"({config.kv_cache_memory_gb}); raise it or lower the plugins' own")
+    logger.info("plugins hold %.2f GiB of the worker's %.2f GiB KV-cache budget; the main engine gets %.2f GiB",
+                reserved_gb, config.kv_cache_memory_gb, left)
+    return dataclasses.replace(config, kv_cache_memory_gb=left)
 
 
 def _exit_for_restart(error: EngineDeadError) -> None:

@@ -49,6 +49,9 @@ LLM_METRICS: dict[str, tuple[MetricTypes, tuple[str, ...]]] = {
     "request_queue_time_seconds": (MetricTypes.HISTOGRAM, MODEL),
     "request_prompt_tokens": (MetricTypes.HISTOGRAM, MODEL),
     "request_generation_tokens": (MetricTypes.HISTOGRAM, MODEL),
+    "rag_retrieval_seconds": (MetricTypes.HISTOGRAM, MODEL),
+    "guard_verdicts_total": (MetricTypes.COUNTER, (*MODEL, "stage", "verdict")),
+    "guard_latency_seconds": (MetricTypes.HISTOGRAM, (*MODEL, "stage")),
 }
 FINISH_REASONS = ("stop", "length", "abort", "timeout", "error")
 SECTIONS = ("ts_metrics", "model_metrics")
@@ -134,6 +137,7 @@ class TorchServeMetrics:
 
     def __init__(self, cache: MetricCacheAbstract, model_name: str, model_version: str) -> None:
         self.labels = {"model_name": model_name, "model_version": model_version, "worker_pid": str(os.getpid())}
+        self.cache = cache
         self.metrics = _declared_llm_metrics(cache)
         self._sent: dict[str, float] = {}
         self._loop: Optional[asyncio.AbstractEventLoop] = None
@@ -144,7 +148,7 @@ class TorchServeMetrics:
     def start(self, stats: EngineStats) -> None:
         """Publish the engine at rest, with every counter at 0, so each series exists before the first request."""
         for reason in FINISH_REASONS:
-            self._emit("request_success_total", 0, finished_reason=reason)
+            self.emit("request_success_total", 0, finished_reason=reason)
         self._publish(stats, [])
 
     def record(self, stats: EngineStats, finished: list[FinishedRequestStats]) -> None:
@@ -158,7 +162,7 @@ class TorchServeMetrics:
             logger.debug("the worker's event loop is closed; dropping engine stats")
 
     def count_rejected(self, error_type: str) -> None:
-        self._emit("request_rejected_total", 1, error_type=error_type)
+        self.emit("request_rejected_total", 1, error_type=error_type)
 
     def _publish(self, stats: EngineStats, finished: list[FinishedRequestStats]) -> None:
         self._gauge("num_requests_running", stats.num_requests_running)
@@ -174,7 +178,7 @@ class TorchServeMetrics:
 
     def _finished_request(self, record: FinishedRequestStats) -> None:
         for reason in record.finish_reasons:
-            self._emit("request_success_total", 1, finished_reason=reason)
+            self.emit("request_success_total", 1, finished_reason=reason)
         observations = {
             "time_to_first_token_seconds": record.time_to_first_token,
             "time_per_output_token_seconds": record.time_per_output_token,
@@ -185,25 +189,37 @@ class TorchServeMetrics:
         }
         for name, value in observations.items():
             if value is not None:
-                self._emit(name, value)
+                self.emit(name, value)
 
     def _gauge(self, name: str, value: float) -> None:
         if self._sent.get(name) != value:
-            self._emit(name, value)
+            self.emit(name, value)
             self._sent[name] = value
 
     def _counter(self, name: str, total: float) -> None:
         """Counters are sent as increments; the first call sends 0 (or the total so far), creating the series."""
         previous = self._sent.get(name)
         if previous is None or total > previous:
-            self._emit(name, total - (previous or 0))
+            self.emit(name, total - (previous or 0))
             self._sent[name] = total
 
-    def _emit(self, name: str, value: float, **labels: str) -> None:
-        metric = self.metrics.get(name)
+    def emit(self, name: str, value: float, **labels: str) -> None:
+        """One observation of a metric the YAML declares (a counter: an increment); other names are dropped.
+        Besides ours, a plugin's own metrics: any name the YAML declares, with the model's labels and its own."""
+        metric = self.metrics.get(name) or self._declared(name)
         if metric is not None:
             values = {**self.labels, **labels}
             metric.add_or_update(value, [values[dimension] for dimension in metric.dimension_names])
+
+
+    def _declared(self, name: str) -> Optional[CachingMetric]:
+        for metric_type in MetricTypes:
+            try:
+                self.metrics[name] = self.cache.get_metric(name, metric_type)
+                return self.metrics[name]
+            except MetricsCacheKeyError:
+                continue
+        return None
 
 
 def _entries(config: dict[str, Any], section: str, source: str) -> list[tuple[str, str, Any]]:

@@ -14,11 +14,13 @@ from engine import (
     AsyncLLMEngine, ContextLengthError, EngineDeadError, EngineOverloadedError, RequestFailedError, RequestOutput,
     RequestTimeoutError, SamplingParams,
 )
-from engine.outputs import CompletionOutput, Logprob
+from engine.outputs import CompletionOutput, Logprob, RequestMetrics
 from engine.sequence import Request
 from handler.protocol import (
     APIError, ChatRequest, CompletionRequest, RequestLimits, parse_chat_request, parse_completion_request,
 )
+from handler.plugins import PluginPipeline, PluginReply, PluginRequest
+from handler.plugins.pipeline import run_filters
 from handler.response_budget import ResponseBudget
 
 SSE_DONE = "data: [DONE]\n\n"
@@ -39,9 +41,17 @@ class _Call:
     created: int
     requests: list[Request]
     n: int
+    num_prompts: int
+    plugged: PluginRequest
+    reply: Optional[PluginReply]
+    response_fields: dict[str, Any]  # the plugins' extension fields: on the whole response or the first chunk
 
     def envelope(self, **fields: Any) -> dict[str, Any]:
-        return {"id": self.call_id, "object": self.object_name, "created": self.created, "model": self.model, **fields}
+        extra = self.response_fields
+        if self.object_name.endswith(".chunk"):
+            self.response_fields = {}
+        return {"id": self.call_id, "object": self.object_name, "created": self.created, "model": self.model,
+                **extra, **fields}
 
     def choice_index(self, prompt_index: int, output: CompletionOutput) -> int:
         return prompt_index * self.n + output.index
@@ -57,6 +67,7 @@ class OpenAIServing:
         chat_template: Optional[str] = None,
         limits: RequestLimits = RequestLimits(),
         request_timeout: Optional[float] = None,
+        pipeline: PluginPipeline = PluginPipeline([]),
     ) -> None:
         self.engine = engine
         self.served_model_name = served_model_name
@@ -65,6 +76,7 @@ class OpenAIServing:
         self.chat_template = chat_template
         self.limits = limits
         self.request_timeout = request_timeout
+        self.pipeline = pipeline
         self.response_budget = ResponseBudget(engine.tokenizer, limits.max_response_bytes)
         self.created = int(time.time())
 
@@ -81,8 +93,10 @@ class OpenAIServing:
         return {"object": "list", "data": [card]}
 
     async def create_completion(self, body: Any, request_id: str) -> Response:
-        request = parse_completion_request(body, self.limits)
-        call = self._start(f"cmpl-{request_id}", "text_completion", request, request.prompts, "prompt")
+        plugged = PluginRequest(request_id, parse_completion_request(body, self.limits, self.pipeline.request_fields))
+        reply = await self.pipeline.before(plugged)
+        request = plugged.body
+        call = self._start(f"cmpl-{request_id}", "text_completion", plugged, request.prompts, "prompt", reply)
         if request.stream:
             return self._stream_completion(call, request)
         outputs = await _collect(self._run(call))
@@ -94,11 +108,13 @@ class OpenAIServing:
         return call.envelope(choices=sorted(choices, key=lambda c: c["index"]), usage=_usage(outputs))
 
     async def create_chat_completion(self, body: Any, request_id: str) -> Response:
-        request = parse_chat_request(body, self.limits)
-        prompt = self._chat_prompt(request.messages)
+        plugged = PluginRequest(request_id, parse_chat_request(body, self.limits, self.pipeline.request_fields))
+        reply = await self.pipeline.before(plugged)
+        request = plugged.body
+        prompt = self._chat_prompt(request.messages) if reply is None else []
         if request.params.max_tokens is None:
             request.params = self._default_max_tokens(request.params, len(prompt))
-        call = self._start(f"chatcmpl-{request_id}", "chat.completion", request, [prompt], "messages")
+        call = self._start(f"chatcmpl-{request_id}", "chat.completion", plugged, [prompt], "messages", reply)
         if request.stream:
             return self._stream_chat(call, request)
         outputs = await _collect(self._run(call))
@@ -106,11 +122,20 @@ class OpenAIServing:
         return call.envelope(choices=choices, usage=_usage(outputs))
 
     def _start(
-        self, call_id: str, object_name: str, request: Union[CompletionRequest, ChatRequest], prompts: list[Any], what: str
+        self, call_id: str, object_name: str, plugged: PluginRequest, prompts: list[Any], what: str,
+        reply: Optional[PluginReply],
     ) -> _Call:
-        """Check the model, the response's size, every prompt and the engine's room before any prompt reaches it."""
+        """Check the model, the response's size, every prompt and the engine's room before any prompt reaches it;
+        a call that a plugin answered reaches no engine."""
+        request = plugged.body
         self._check_model(request.model)
         self._check_response_size(request, len(prompts))
+        requests = [] if reply is not None else self._make_requests(call_id, prompts, request, what)
+        object_name = object_name if not request.stream else f"{object_name}.chunk"
+        return _Call(call_id, object_name, request.model or self.served_model_name, int(time.time()), requests,
+                     request.params.n, len(prompts), plugged, reply, dict(plugged.response_fields))
+
+    def _make_requests(self, call_id: str, prompts: list[Any], request: Any, what: str) -> list[Request]:
         timeout = min(filter(None, (request.timeout, self.request_timeout)), default=None)
         requests = [
             self._make_request(f"{call_id}-{i}", prompt, request, what, timeout) for i, prompt in enumerate(prompts)
@@ -119,9 +144,7 @@ class OpenAIServing:
             self.engine.check_capacity(len(requests))
         except ENGINE_ERRORS as exc:
             raise _api_error(exc) from None
-        object_name = object_name if not request.stream else f"{object_name}.chunk"
-        return _Call(call_id, object_name, request.model or self.served_model_name, int(time.time()), requests,
-                     request.params.n)
+        return requests
 
     def _check_model(self, model: Optional[str]) -> None:
         if model is not None and model != self.served_model_name:
@@ -171,7 +194,11 @@ class OpenAIServing:
         return list(tokenizer.encode(text, add_special_tokens=False))
 
     def _run(self, call: _Call) -> AsyncIterator[tuple[int, RequestOutput]]:
-        return _engine_errors(_merge([self.engine.stream(request) for request in call.requests]))
+        """The call's outputs: the engine's (or a plugin's reply), through the plugins' output filters."""
+        if call.reply is not None:
+            return _replied(call)
+        deltas = _engine_errors(_merge([self.engine.stream(request) for request in call.requests]))
+        return _filtered(deltas, ChoiceFilters(self.pipeline, call.plugged, call.num_prompts * call.n))
 
     async def _stream_completion(self, call: _Call, request: CompletionRequest) -> AsyncIterator[str]:
         want_logprobs = request.params.logprobs is not None
@@ -254,6 +281,51 @@ async def _engine_errors(deltas: AsyncIterator[tuple[int, RequestOutput]]) -> As
                 yield item
         except ENGINE_ERRORS as exc:
             raise _api_error(exc) from None
+
+
+class ChoiceFilters:
+    """The output filters of every choice of one call, made on the choice's first delta; a choice a filter ended
+    receives nothing more, and once every choice has ended the call stops (its engine requests are aborted)."""
+
+    def __init__(self, pipeline: PluginPipeline, plugged: PluginRequest, num_choices: int) -> None:
+        self.pipeline = pipeline
+        self.plugged = plugged
+        self.open_choices = num_choices
+        self.filters: dict[tuple[int, int], list[Any]] = {}
+        self.ended: set[tuple[int, int]] = set()
+
+    async def apply(self, prompt_index: int, delta: CompletionOutput) -> list[CompletionOutput]:
+        key = (prompt_index, delta.index)
+        if key in self.ended:
+            return []
+        if key not in self.filters:
+            self.filters[key] = self.pipeline.output_filters(self.plugged)
+        passed = await run_filters(self.filters[key], delta)
+        if any(out.finish_reason is not None for out in passed):
+            self.ended.add(key)
+            self.open_choices -= 1
+            return passed[:next(i for i, out in enumerate(passed) if out.finish_reason is not None) + 1]
+        return passed
+
+
+async def _filtered(
+    deltas: AsyncIterator[tuple[int, RequestOutput]], choices: ChoiceFilters
+) -> AsyncIterator[tuple[int, RequestOutput]]:
+    async with aclosing(deltas):
+        async for index, delta in deltas:
+            outputs = [out for item in delta.outputs for out in await choices.apply(index, item)]
+            yield index, dataclasses.replace(delta, outputs=outputs)
+            if choices.open_choices == 0:
+                return
+
+
+async def _replied(call: _Call) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """A plugin's answer as the finished output of every prompt, `n` choices each, with no tokens spent."""
+    now = time.time()
+    metrics = RequestMetrics(now, None, None, now, 0, 0)
+    for index in range(call.num_prompts):
+        outputs = [CompletionOutput(k, call.reply.text, [], None, "stop") for k in range(call.n)]
+        yield index, RequestOutput(f"{call.call_id}-{index}", None, [], outputs, True, metrics)
 
 
 async def _collect(deltas: AsyncIterator[tuple[int, RequestOutput]]) -> list[RequestOutput]:

@@ -1,0 +1,219 @@
+"""`guard`: a Llama-Guard-style safety classifier on a second engine in the worker, run on the user's input,
+the model's output, or both.
+
+The verdict is P(unsafe) at the guard's first generated token, with that token restricted to the two verdict
+tokens (`allowed_token_ids`): the softmax of their two raw logprobs. Above `threshold` the input is refused
+with a 400 `content_filter` error naming the violated categories (generated after the verdict), or the output
+ends with finish_reason `content_filter`. Output is judged in windows of `output_window_tokens` tokens: each
+window is held back until the guard passed the whole output so far, so text already sent is never retracted
+and nothing past an unsafe window is sent.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from engine import AsyncLLMEngine, CompletionOutput, EngineConfig, SamplingParams
+from engine.config import settings_from_dict
+from handler.plugins.base import Plugin, PluginContext, PluginRequest, finished, join_deltas
+from handler.plugins.llama_guard import (
+    LLAMA_GUARD_3_CATEGORIES, PROMPT_FORMATS, Turn, conversation_turns, guard_prompt, guard_task, violated_categories,
+)
+from handler.protocol import APIError
+
+logger = logging.getLogger(__name__)
+STAGES = ("input", "output")
+# The guard engine's settings unless `engine:` says otherwise: a small KV cache, few sequences at a time.
+GUARD_ENGINE_DEFAULTS = {"kv_cache_memory_gb": 0.25, "max_num_seqs": 16, "gpu_memory_utilization": 0.15}
+
+
+@dataclass
+class GuardOptions:
+    model: str = field(default="", metadata={"path": True})  # the guard model: a Hugging Face folder or a GGUF file (relative: in the model folder)
+    stages: list[str] = field(default_factory=lambda: list(STAGES))
+    threshold: float = 0.5  # unsafe when P(unsafe) > threshold: 0 blocks everything, 1 nothing
+    categories: Optional[dict[str, str]] = None  # code -> name; None: Llama Guard 3's S1-S14
+    prompt_format: str = "llama_guard_3"  # or chat_template: the task as one user turn of the guard's template
+    output_window_tokens: int = 32
+    safe_word: str = "safe"
+    unsafe_word: str = "unsafe"
+    max_category_tokens: int = 24
+    report: bool = True  # the input verdict goes on the response as `guard`
+    engine: dict[str, Any] = field(default_factory=dict)  # the guard engine's EngineConfig keys
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, str) or not self.model:
+            raise ValueError("guard: `model` (the guard model's folder or GGUF file) is required")
+        if not isinstance(self.stages, list) or not self.stages or not set(self.stages) <= set(STAGES):
+            raise ValueError(f"guard: stages must be a non-empty list of {STAGES}, got {self.stages!r}")
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) \
+                or not 0 <= self.threshold <= 1:
+            raise ValueError(f"guard: threshold must be a number in [0, 1], got {self.threshold!r}")
+        if self.prompt_format not in PROMPT_FORMATS:
+            raise ValueError(f"guard: prompt_format must be one of {PROMPT_FORMATS}, got {self.prompt_format!r}")
+        self._check_counts_and_words()
+
+    def _check_counts_and_words(self) -> None:
+        for name in ("output_window_tokens", "max_category_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"guard: {name} must be a positive integer, got {value!r}")
+        if not all(isinstance(w, str) and w for w in (self.safe_word, self.unsafe_word)):
+            raise ValueError("guard: safe_word and unsafe_word must be non-empty strings")
+        if self.categories is not None and (not isinstance(self.categories, dict) or not self.categories):
+            raise ValueError(f"guard: categories must be a non-empty mapping of code to name, got {self.categories!r}")
+        if not isinstance(self.engine, dict):
+            raise ValueError(f"guard: engine must be a mapping of engine settings, got {self.engine!r}")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    stage: str
+    unsafe_probability: float
+    unsafe: bool
+    categories: list[str]  # codes; empty when safe, or when the guard named none it knows
+
+    def to_dict(self, names: dict[str, str]) -> dict[str, Any]:
+        return {"verdict": "unsafe" if self.unsafe else "safe", "unsafe_probability": self.unsafe_probability,
+                "categories": [{"code": code, "name": names[code]} for code in self.categories]}
+
+
+class GuardPlugin(Plugin):
+    name = "guard"
+    Options = GuardOptions
+
+    def initialize(self, context: PluginContext) -> None:
+        self.categories = self.options.categories or dict(LLAMA_GUARD_3_CATEGORIES)
+        self.main_tokenizer = context.tokenizer
+        self.emit_metric = context.emit_metric
+        config = guard_engine_config(context, self.options)
+        self.engine = AsyncLLMEngine.from_config(config)
+        self.safe_id, self.unsafe_id = self._verdict_token_ids()
+        self._request_ids = itertools.count()
+        logger.info("guard model %s: its KV cache (%.2f GiB on CPU) is taken from the worker's budget",
+                    config.model, config.kv_cache_memory_gb)
+
+    def reserved_kv_cache_gb(self) -> float:
+        config = self.engine.engine.config
+        return config.kv_cache_memory_gb if config.device == "cpu" and config.num_kv_blocks is None else 0.0
+
+    async def before(self, request: PluginRequest) -> None:
+        if "input" not in self.options.stages:
+            return None
+        verdict = await self.judge(self._turns(request), "input")
+        if verdict.unsafe:
+            raise APIError(refusal_message(verdict, self.categories), code="content_filter",
+                           param="messages" if request.is_chat else "prompt")
+        if self.options.report:
+            request.response_fields["guard"] = {"input": verdict.to_dict(self.categories)}
+        return None
+
+    def output_filter(self, request: PluginRequest) -> Optional["OutputModeration"]:
+        if "output" not in self.options.stages:
+            return None
+        return OutputModeration(self, self._turns(request), self.options.output_window_tokens)
+
+    def close(self) -> None:
+        self.engine.shutdown()
+
+    async def judge(self, conversation: list[Turn], stage: str) -> Verdict:
+        """The guard's verdict on the last turn of `conversation`, counted in the guard metrics."""
+        started = time.perf_counter()
+        prompt = self._prompt_ids(conversation)
+        probability = await self._unsafe_probability(prompt)
+        unsafe = probability > self.options.threshold
+        categories = await self._categories(prompt) if unsafe else []
+        self.emit_metric("guard_latency_seconds", time.perf_counter() - started, stage=stage)
+        self.emit_metric("guard_verdicts_total", 1, stage=stage, verdict="unsafe" if unsafe else "safe")
+        return Verdict(stage, probability, unsafe, categories)
+
+    def _turns(self, request: PluginRequest) -> list[Turn]:
+        """What the client sent, before other plugins rewrote it: the chat's turns, or each prompt as a user turn."""
+        if request.is_chat:
+            return conversation_turns(request.original.messages)
+        prompts = request.original.prompts
+        return [("User", p if isinstance(p, str) else self.main_tokenizer().decode(p)) for p in prompts]
+
+    def _prompt_ids(self, conversation: list[Turn]) -> list[int]:
+        tokenizer = self.engine.tokenizer
+        text = guard_prompt(guard_task(conversation, self.categories), self.options.prompt_format, tokenizer)
+        return list(tokenizer.encode(text, add_special_tokens=False))
+
+    async def _unsafe_probability(self, prompt: list[int]) -> float:
+        """softmax over the two verdict tokens' raw logprobs at the first generated position."""
+        params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=2,
+                                allowed_token_ids=[self.safe_id, self.unsafe_id])
+        output = await self._generate(prompt, params)
+        logprobs = output.logprobs[0]
+        return 1.0 / (1.0 + math.exp(logprobs[self.safe_id].logprob - logprobs[self.unsafe_id].logprob))
+
+    async def _categories(self, prompt: list[int]) -> list[str]:
+        unsafe_ids = list(self.engine.tokenizer.encode(self.options.unsafe_word, add_special_tokens=False))
+        params = SamplingParams(max_tokens=self.options.max_category_tokens, temperature=0.0)
+        output = await self._generate(prompt + unsafe_ids, params)
+        return violated_categories(output.text, self.categories)
+
+    async def _generate(self, prompt: list[int], params: SamplingParams) -> CompletionOutput:
+        request = self.engine.make_request(f"guard-{next(self._request_ids)}", prompt, params)
+        deltas = [output.outputs[0] async for output in self.engine.stream(request)]
+        return join_deltas(0, deltas)
+
+    def _verdict_token_ids(self) -> tuple[int, int]:
+        """The first token of each verdict word; they must differ."""
+        tokenizer = self.engine.tokenizer
+        ids = [list(tokenizer.encode(word, add_special_tokens=False)) for word in
+               (self.options.safe_word, self.options.unsafe_word)]
+        if ids[0][0] == ids[1][0]:
+            raise ValueError(f"guard: safe_word and unsafe_word start with the same token ({ids[0][0]}) in the "
+                             "guard model's vocabulary; the first generated token could not tell them apart")
+        for word, tokens in zip((self.options.safe_word, self.options.unsafe_word), ids):
+            if len(tokens) > 1:
+                logger.warning("guard: %r is %d tokens for the guard model; its first token decides", word, len(tokens))
+        return ids[0][0], ids[1][0]
+
+
+class OutputModeration:
+    """One choice's output filter: holds each window back until the guard passed the whole output so far."""
+
+    def __init__(self, guard: GuardPlugin, conversation: list[Turn], window_tokens: int) -> None:
+        self.guard = guard
+        self.conversation = conversation
+        self.window_tokens = window_tokens
+        self.released = ""
+        self.pending: list[CompletionOutput] = []
+
+    async def __call__(self, delta: CompletionOutput) -> list[CompletionOutput]:
+        self.pending.append(delta)
+        held = sum(len(item.token_ids) for item in self.pending)
+        if delta.finish_reason is None and held < self.window_tokens:
+            return []
+        window, self.pending = join_deltas(delta.index, self.pending), []
+        if window.text and (await self._judge(window.text)).unsafe:
+            return [finished(_emptied(window), "content_filter")]
+        self.released += window.text
+        return [window]
+
+    async def _judge(self, text: str) -> Verdict:
+        return await self.guard.judge([*self.conversation, ("Agent", self.released + text)], "output")
+
+
+def _emptied(window: CompletionOutput) -> CompletionOutput:
+    return CompletionOutput(window.index, "", [], [] if window.logprobs is not None else None)
+
+
+def refusal_message(verdict: Verdict, categories: dict[str, str]) -> str:
+    named = ", ".join(f"{code} ({categories[code]})" for code in verdict.categories) or "no category named"
+    return (f"the input was blocked by the content filter: unsafe with probability "
+            f"{verdict.unsafe_probability:.3f}; categories: {named}")
+
+
+def guard_engine_config(context: PluginContext, options: GuardOptions) -> EngineConfig:
+    """The guard engine: on the main engine's device and dtype unless `engine:` says otherwise."""
+    main = context.engine_config
+    values = {**GUARD_ENGINE_DEFAULTS, "device": main.device, "dtype": main.dtype, "num_threads": main.num_threads,
+              **options.engine, "model": str(context.path("guard.model", options.model))}
+    return settings_from_dict(EngineConfig, values, "guard.engine")
