@@ -6,6 +6,7 @@ import gc
 import os
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Iterator
 
@@ -21,8 +22,8 @@ from engine.loader import default_model_path
 from engine.scheduler import ScheduledSeq
 from engine.sequence import Request, Sequence
 from handler.model_store import build_archive
-from handler.server import ServedModel
-from ts_server import STARTUP_TIMEOUT, small_model_config, torchserve_process
+from handler.server import ServedModel, TorchServeProcess
+from ts_server import EXAMPLE_PLUGINS, STARTUP_TIMEOUT, plugin_model_configs, small_model_config, torchserve_process
 
 PROMPT = [510, 3458, 282, 4649, 314, 253, 1345, 30]  # " disrong of France is a real." in the SmolLM2 vocabulary
 TINY_COMMON = dict(
@@ -186,6 +187,35 @@ def torchserve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedModel
     with torchserve_process(root, {"smollm2": folder.name}, token_auth=False, model_api=True) as server:
         server.wait_until_ready("smollm2", "1.0", STARTUP_TIMEOUT)
         yield ServedModel(server, "smollm2", "1.0")
+
+
+@dataclass
+class PluginServer:
+    """One TorchServe serving the plugin tests' models (tests/ts_server.py's plugin_model_configs), version 1.0."""
+
+    server: TorchServeProcess
+    models: dict[str, ServedModel]
+    rag_cache_dir: Path  # the rag plugin's on-disk index cache
+    guard_model: Path  # the stand-in guard: the tiny random llama
+
+    @property
+    def model_log(self) -> str:
+        return (self.server.run_dir / "logs" / "model_log.log").read_text(errors="replace")
+
+
+@pytest.fixture(scope="session")
+def plugin_server(tmp_path_factory: pytest.TempPathFactory, tiny_model: Callable[[str], Path]) -> Iterator[PluginServer]:
+    """The users' example plugins are shipped in the assistant's model folder, as a user would ship them."""
+    root = tmp_path_factory.mktemp("plugins")
+    configs = plugin_model_configs(root / "rag-index", tiny_model("llama"))
+    folders = {name: build_archive(name, "1.0", config, root / "store") for name, config in configs.items()}
+    (folders["assistant"] / EXAMPLE_PLUGINS.name).write_bytes(EXAMPLE_PLUGINS.read_bytes())
+    models = {name: folder.name for name, folder in folders.items()}
+    with torchserve_process(root, models, token_auth=False, model_api=True) as server:
+        for name in models:
+            server.wait_until_ready(name, "1.0", STARTUP_TIMEOUT)
+        served = {name: ServedModel(server, name, "1.0") for name in models}
+        yield PluginServer(server, served, root / "rag-index", tiny_model("llama"))
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,11 @@ SMALL_ENGINE: dict[str, Any] = {
     "max_num_seqs": 32, "kv_cache_memory_gb": 0.25, "max_model_len": 1024, "quantization": "none",
 }
 STARTUP_TIMEOUT = 300.0
+RAG_DOCUMENTS = Path(__file__).resolve().parent / "data" / "rag_docs"
+EXAMPLE_PLUGINS = Path(__file__).resolve().parent / "example_plugins.py"
+# Two short categories keep the guard prompt inside the tiny stand-in guard model's 512 positions.
+GUARD_CATEGORIES = {"S1": "Violent Crimes", "S10": "Hate"}
+PLUGGED_MAX_TOKENS = 48  # the ReplaceWords plugin's cap on every request of the assistant model
 
 
 def small_model_config(**engine: Any) -> dict[str, Any]:
@@ -33,3 +38,34 @@ def torchserve_process(root: Path, models: dict[str, str], **options: Any) -> To
     config.model_store.mkdir(parents=True, exist_ok=True)
     config.run_dir.mkdir(parents=True, exist_ok=True)
     return TorchServeProcess(config)
+
+
+def plugin_model_configs(cache_dir: Path, guard_model: Path) -> dict[str, dict[str, Any]]:
+    """Model-configs by model name: `assistant` (users' plugins, then hybrid RAG over tests/data/rag_docs),
+    `guarded` (input passes and is reported, every output is blocked) and `refusing` (every input is blocked)."""
+    rag = {"documents": str(RAG_DOCUMENTS), "cache_dir": str(cache_dir), "chunk_tokens": 96, "chunk_overlap": 24}
+    assistant = [
+        {"plugin": "example_plugins:FailOn"},
+        {"plugin": "example_plugins:CannedAnswer"},
+        {"plugin": "example_plugins:ReplaceWords",
+         "options": {"replacements": {"Zorblat": "France"}, "max_tokens": PLUGGED_MAX_TOKENS}},
+        {"plugin": "example_plugins:RedactDigits"},
+        {"plugin": "rag", "options": rag},
+    ]
+    return {
+        "assistant": with_plugins(small_model_config(), assistant),
+        "guarded": with_plugins(small_model_config(), [guard_plugin(guard_model, threshold=1.0, output_threshold=0.0)]),
+        "refusing": with_plugins(small_model_config(), [guard_plugin(guard_model, stages=["input"], threshold=0.0)]),
+    }
+
+
+def guard_plugin(guard_model: Path, **options: Any) -> dict[str, Any]:
+    """The guard on the tiny random stand-in model, in float32 so that tests can recompute its verdicts exactly."""
+    engine = {"dtype": "float32", "max_model_len": 512}
+    settings = {"model": str(guard_model), "categories": GUARD_CATEGORIES, "output_window_tokens": 8,
+                "prompt_format": "llama_guard_3", "engine": engine}
+    return {"plugin": "guard", "options": {**settings, **options}}
+
+
+def with_plugins(config: dict[str, Any], plugins: list[dict[str, Any]]) -> dict[str, Any]:
+    return {**config, "handler": {**config["handler"], "plugins": plugins}}

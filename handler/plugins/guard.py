@@ -36,6 +36,7 @@ class GuardOptions:
     model: str = field(default="", metadata={"path": True})  # the guard model: a Hugging Face folder or a GGUF file (relative: in the model folder)
     stages: list[str] = field(default_factory=lambda: list(STAGES))
     threshold: float = 0.5  # unsafe when P(unsafe) > threshold: 0 blocks everything, 1 nothing
+    output_threshold: Optional[float] = None  # the output stage's threshold; None: `threshold`
     categories: Optional[dict[str, str]] = None  # code -> name; None: Llama Guard 3's S1-S14
     prompt_format: str = "llama_guard_3"  # or chat_template: the task as one user turn of the guard's template
     output_window_tokens: int = 32
@@ -50,9 +51,12 @@ class GuardOptions:
             raise ValueError("guard: `model` (the guard model's folder or GGUF file) is required")
         if not isinstance(self.stages, list) or not self.stages or not set(self.stages) <= set(STAGES):
             raise ValueError(f"guard: stages must be a non-empty list of {STAGES}, got {self.stages!r}")
-        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) \
-                or not 0 <= self.threshold <= 1:
-            raise ValueError(f"guard: threshold must be a number in [0, 1], got {self.threshold!r}")
+        for name in ("threshold", "output_threshold"):
+            value = getattr(self, name)
+            if name == "output_threshold" and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+                raise ValueError(f"guard: {name} must be a number in [0, 1], got {value!r}")
         if self.prompt_format not in PROMPT_FORMATS:
             raise ValueError(f"guard: prompt_format must be one of {PROMPT_FORMATS}, got {self.prompt_format!r}")
         self._check_counts_and_words()
@@ -125,11 +129,16 @@ class GuardPlugin(Plugin):
         started = time.perf_counter()
         prompt = self._prompt_ids(conversation)
         probability = await self._unsafe_probability(prompt)
-        unsafe = probability > self.options.threshold
+        unsafe = probability > self._threshold(stage)
         categories = await self._categories(prompt) if unsafe else []
         self.emit_metric("guard_latency_seconds", time.perf_counter() - started, stage=stage)
         self.emit_metric("guard_verdicts_total", 1, stage=stage, verdict="unsafe" if unsafe else "safe")
         return Verdict(stage, probability, unsafe, categories)
+
+    def _threshold(self, stage: str) -> float:
+        if stage == "output" and self.options.output_threshold is not None:
+            return self.options.output_threshold
+        return self.options.threshold
 
     def _turns(self, request: PluginRequest) -> list[Turn]:
         """What the client sent, before other plugins rewrote it: the chat's turns, or each prompt as a user turn."""

@@ -75,7 +75,7 @@ class RAGPlugin(Plugin):
             options.chunk_tokens, options.chunk_overlap, tokenizer_id(context, tokenizer),
         )
         self.emit_metric = context.emit_metric
-        logger.info("rag: %d documents in %d chunks, %s index %s (%s, %d chunks embedded)", self.index.num_documents,
+        logger.info("rag: %d documents in %d chunks, %s index %s %s (%d chunks embedded)", self.index.num_documents,
                     self.index.num_chunks, options.mode, self.index.key[:12],
                     "loaded from the cache" if self.index.from_cache else "built", self.index.embedded_chunks)
 
