@@ -298,9 +298,13 @@ class LLMEngine:
             raise ValueError(
                 f"top_k must be -1 (disabled) or in [1, {vocab_size}] (the vocabulary size), got {params.top_k}"
             )
-        for token_id in params.stop_token_ids:
-            if token_id >= vocab_size:
-                raise ValueError(f"stop_token_ids must be in [0, {vocab_size}) (the vocabulary size), got {token_id}")
+        for name in ("stop_token_ids", "allowed_token_ids"):
+            for token_id in getattr(params, name) or []:
+                if token_id >= vocab_size:
+                    raise ValueError(f"{name} must be in [0, {vocab_size}) (the vocabulary size), got {token_id}")
+        ending = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
+        if params.min_tokens and params.allowed_token_ids and ending.issuperset(params.allowed_token_ids):
+            raise ValueError("allowed_token_ids: every allowed token is a stop token or EOS, which min_tokens bans")
 
     def _model_max_len(self) -> int:
         limit = self.model_config.max_position_embeddings

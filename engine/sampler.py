@@ -39,14 +39,16 @@ class Sampler:
             return SamplerOutput(logits[:, : self.vocab_size].max(dim=-1).indices.tolist(), [None] * len(seqs))
         logits = logits[:, : self.vocab_size].to(torch.float32, copy=True)  # penalties and bans write into it
         raw_logprobs = logits.log_softmax(dim=-1) if any(s.params.logprobs is not None for s in seqs) else None
+        allowed = _allowed_mask(seqs, self.vocab_size, logits.device)
+        if allowed is not None:
+            logits.masked_fill_(~allowed, float("-inf"))
         logits = self._apply_penalties(logits, seqs)
         logits = self._apply_min_tokens(logits, seqs)
         if all(s.params.greedy for s in seqs):
             token_ids = logits.argmax(dim=-1)
         else:
             token_ids = self._sample(logits, seqs)
-        token_list = token_ids.tolist()
-        return SamplerOutput(token_list, _gather_logprobs(raw_logprobs, token_ids, seqs))
+        return SamplerOutput(token_ids.tolist(), _gather_logprobs(raw_logprobs, allowed, token_ids, seqs))
 
     def _apply_penalties(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         rows = [i for i, s in enumerate(seqs) if _has_penalty(s)]
@@ -89,12 +91,27 @@ class Sampler:
 def _plain_greedy(seq: Sequence) -> bool:
     """Greedy with nothing that changes the logits or asks for logprobs: the argmax of the raw logits is the answer."""
     p = seq.params
-    return p.greedy and p.logprobs is None and not _has_penalty(seq) and seq.num_output_tokens >= p.min_tokens
+    unchanged = p.allowed_token_ids is None and not _has_penalty(seq) and seq.num_output_tokens >= p.min_tokens
+    return p.greedy and p.logprobs is None and unchanged
 
 
 def _has_penalty(seq: Sequence) -> bool:
     p = seq.params
     return p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
+
+
+def _allowed_mask(seqs: list[Sequence], vocab_size: int, device: torch.device) -> Optional[torch.Tensor]:
+    """True where a row may draw the token: its allowed_token_ids, or every token if it has none; None if no row
+    restricts its tokens."""
+    rows = [i for i, s in enumerate(seqs) if s.params.allowed_token_ids is not None]
+    if not rows:
+        return None
+    ids = [torch.tensor(seqs[i].params.allowed_token_ids, dtype=torch.long) for i in rows]
+    row_index = torch.tensor(rows).repeat_interleave(torch.tensor([len(row_ids) for row_ids in ids]))
+    mask = torch.ones(len(seqs), vocab_size, dtype=torch.bool, device=device)
+    mask[rows] = False
+    mask[row_index.to(device), torch.cat(ids).to(device)] = True
+    return mask
 
 
 def _column(values: list[float], device: torch.device) -> torch.Tensor:
@@ -131,25 +148,27 @@ def _filter_top_k_top_p_min_p(logits: torch.Tensor, seqs: list[Sequence]) -> tor
 
 
 def _gather_logprobs(
-    raw_logprobs: Optional[torch.Tensor], token_ids: torch.Tensor, seqs: list[Sequence]
+    raw_logprobs: Optional[torch.Tensor], allowed: Optional[torch.Tensor], token_ids: torch.Tensor, seqs: list[Sequence]
 ) -> list[Optional[TokenLogprobs]]:
+    """The raw logprobs of each sampled token and of its row's top candidates; with allowed_token_ids the candidates
+    and the rank count only the allowed tokens."""
     if raw_logprobs is None:
         return [None] * len(seqs)
+    ranked = raw_logprobs if allowed is None else raw_logprobs.masked_fill(~allowed, float("-inf"))
     chosen = raw_logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)
-    ranks = (raw_logprobs > chosen.unsqueeze(1)).sum(dim=1) + 1
-    max_top = max(s.params.logprobs or 0 for s in seqs)
-    top_values, top_ids = raw_logprobs.topk(max_top, dim=-1) if max_top else (None, None)
-    results: list[Optional[TokenLogprobs]] = []
-    for i, seq in enumerate(seqs):
-        count = seq.params.logprobs
-        if count is None:
-            results.append(None)
-            continue
-        results.append(TokenLogprobs(
-            token_id=int(token_ids[i]),
-            logprob=float(chosen[i]),
-            rank=int(ranks[i]),
-            top_ids=top_ids[i, :count].tolist() if count else [],
-            top_logprobs=top_values[i, :count].tolist() if count else [],
-        ))
-    return results
+    ranks = (ranked > chosen.unsqueeze(1)).sum(dim=1) + 1
+    top_values, top_ids = ranked.topk(max(s.params.logprobs or 0 for s in seqs), dim=-1)
+    num_allowed = [ranked.shape[1]] * len(seqs) if allowed is None else allowed.sum(dim=1).tolist()
+    rows = zip(seqs, token_ids.tolist(), chosen.tolist(), ranks.tolist(), top_ids.tolist(), top_values.tolist(),
+               num_allowed)
+    return [_token_logprobs(*row) for row in rows]
+
+
+def _token_logprobs(
+    seq: Sequence, token_id: int, logprob: float, rank: int, top_ids: list[int], top_values: list[float],
+    num_allowed: int,
+) -> Optional[TokenLogprobs]:
+    if seq.params.logprobs is None:
+        return None
+    count = min(seq.params.logprobs, num_allowed)
+    return TokenLogprobs(token_id, logprob, rank, top_ids[:count], top_values[:count])

@@ -39,12 +39,18 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: Optional[int] = None
     skip_special_tokens: bool = True
+    # vLLM's allowed_token_ids: when set (a non-empty list of ids; duplicates are fine), every generated token is drawn
+    # from these ids alone: all other logits are -inf before penalties, temperature, top-k/top-p/min-p and greedy
+    # argmax. Logprobs stay the raw model log-probabilities, but the top candidates and the sampled token's rank count
+    # allowed tokens only: with allowed_token_ids=[a, b] and logprobs=2 the logprobs of exactly a and b come back.
+    allowed_token_ids: Optional[list[int]] = None
 
     def __post_init__(self) -> None:
         self.stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
         self._check_counts()
         self._check_stops()
+        self._check_allowed_token_ids()
         self._check_distribution()
         self._check_penalties()
 
@@ -69,6 +75,15 @@ class SamplingParams:
             _check_int("stop_token_ids", token_id, minimum=0)
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError("stop must be a non-empty string or a list of non-empty strings")
+
+    def _check_allowed_token_ids(self) -> None:
+        if self.allowed_token_ids is None:
+            return
+        if not isinstance(self.allowed_token_ids, (list, tuple)) or not self.allowed_token_ids:
+            raise ValueError(f"allowed_token_ids must be a non-empty list of token ids, got {self.allowed_token_ids!r}")
+        self.allowed_token_ids = list(self.allowed_token_ids)
+        for token_id in self.allowed_token_ids:
+            _check_int("allowed_token_ids", token_id, minimum=0)
 
     def _check_distribution(self) -> None:
         _check_number(

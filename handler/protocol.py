@@ -109,6 +109,7 @@ SAMPLING_FIELDS = {
     "presence_penalty": "number", "frequency_penalty": "number", "top_k": "int", "min_p": "number",
     "repetition_penalty": "number", "ignore_eos": "bool", "min_tokens": "int", "stop_token_ids": "int_list",
     "skip_special_tokens": "bool",
+    "allowed_token_ids": "int_list",  # vLLM's extra parameter: every generated token is one of these ids
 }
 COMMON_FIELDS = {
     "model": "str", "max_tokens": "int", "stream": "bool", "stream_options": "object", "user": "str", "timeout": "number",
