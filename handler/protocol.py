@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Union
 
 from engine.config import settings_from_dict
@@ -64,6 +64,7 @@ class CompletionRequest:
     stream: bool
     include_usage: bool
     timeout: Optional[float]
+    extensions: dict[str, Any] = field(default_factory=dict)  # the plugins' own request fields that were sent
 
 
 @dataclass
@@ -74,6 +75,7 @@ class ChatRequest:
     stream: bool
     include_usage: bool
     timeout: Optional[float]
+    extensions: dict[str, Any] = field(default_factory=dict)  # the plugins' own request fields that were sent
 
 
 def _is_int(value: Any) -> bool:
@@ -123,6 +125,8 @@ CHAT_FIELDS = {
     "parallel_tool_calls": "bool",
 }
 
+REQUEST_FIELDS = frozenset({**COMMON_FIELDS, **SAMPLING_FIELDS, **COMPLETION_FIELDS, **CHAT_FIELDS})
+
 
 class _Body:
     """The request's JSON object: typed field access, then a check that no unknown field was sent."""
@@ -157,8 +161,11 @@ class _Body:
         return value
 
 
-def parse_completion_request(body: Any, limits: RequestLimits) -> CompletionRequest:
-    fields = _Body(body, {**COMMON_FIELDS, **SAMPLING_FIELDS, **COMPLETION_FIELDS})
+def parse_completion_request(
+    body: Any, limits: RequestLimits, extension_fields: Optional[dict[str, str]] = None
+) -> CompletionRequest:
+    extension_fields = extension_fields or {}
+    fields = _Body(body, {**COMMON_FIELDS, **SAMPLING_FIELDS, **COMPLETION_FIELDS, **extension_fields})
     fields.reject_set("echo", allowed=(False,))
     fields.reject_set("suffix", allowed=("",))
     fields.reject_set("logit_bias", allowed=({},))
@@ -169,11 +176,15 @@ def parse_completion_request(body: Any, limits: RequestLimits) -> CompletionRequ
     if best_of is not None and best_of != params.n:
         raise APIError("best_of other than n is not supported by this server", param="best_of")
     stream, include_usage = _stream_settings(fields)
-    return CompletionRequest(fields.get("model"), prompts, params, stream, include_usage, _timeout(fields))
+    return CompletionRequest(fields.get("model"), prompts, params, stream, include_usage, _timeout(fields),
+                             _extensions(fields, extension_fields))
 
 
-def parse_chat_request(body: Any, limits: RequestLimits) -> ChatRequest:
-    fields = _Body(body, {**COMMON_FIELDS, **SAMPLING_FIELDS, **CHAT_FIELDS})
+def parse_chat_request(
+    body: Any, limits: RequestLimits, extension_fields: Optional[dict[str, str]] = None
+) -> ChatRequest:
+    extension_fields = extension_fields or {}
+    fields = _Body(body, {**COMMON_FIELDS, **SAMPLING_FIELDS, **CHAT_FIELDS, **extension_fields})
     for name in ("tools", "tool_choice"):
         fields.reject_set(name, allowed=([], "none"))
     fields.reject_set("logit_bias", allowed=({},))
@@ -186,7 +197,8 @@ def parse_chat_request(body: Any, limits: RequestLimits) -> ChatRequest:
     params = _sampling_params(fields, max_tokens, (top_logprobs or 0) if logprobs else None, limits, 1)
     stream, include_usage = _stream_settings(fields)
     messages = _messages(body.get("messages"))
-    return ChatRequest(fields.get("model"), messages, params, stream, include_usage, _timeout(fields))
+    return ChatRequest(fields.get("model"), messages, params, stream, include_usage, _timeout(fields),
+                       _extensions(fields, extension_fields))
 
 
 def _sampling_params(
@@ -223,6 +235,11 @@ def _check_within(limit: str, value: int, maximum: int, what: str, param: str) -
             f"this request asks for {what}; this server allows at most {maximum} (handler.limits.{limit})",
             param=param, code="limit_exceeded",
         )
+
+
+def _extensions(fields: _Body, extension_fields: dict[str, str]) -> dict[str, Any]:
+    values = {name: fields.get(name) for name in extension_fields}
+    return {name: value for name, value in values.items() if value is not None}
 
 
 def _timeout(fields: _Body) -> Optional[float]:

@@ -38,7 +38,7 @@ CASES: list[tuple[str, str, Any, int, Optional[str], Optional[str]]] = [
     ("stream_options_without_stream", "completions", {"prompt": "Hi", "stream_options": {"include_usage": True}}, 400,
      "stream_options", None),
     ("unknown_model", "completions", {"prompt": "Hi", "model": "gpt-4o"}, 404, "model", "model_not_found"),
-    ("unknown_route", "embeddings", {"input": "Hi"}, 404, None, "unknown_url"),
+    ("unknown_route", "audio/speech", {"input": "Hi"}, 404, None, "unknown_url"),
     ("prompt_too_long", "completions", FAR_TOO_LONG, 400, "prompt", "context_length_exceeded"),
 ]
 

@@ -127,7 +127,7 @@ def test_verdict_categories_are_parsed_from_the_second_line() -> None:
 
 
 @pytest.mark.parametrize("options, named", [
-    ({}, "model"),
+    ({"model": ""}, "model"),
     ({"model": "g", "threshold": 1.5}, "threshold"),
     ({"model": "g", "stages": ["inputs"]}, "stages"),
     ({"model": "g", "prompt_format": "llama_guard_9"}, "prompt_format"),

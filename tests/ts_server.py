@@ -19,6 +19,7 @@ RAG_DOCUMENTS = Path(__file__).resolve().parent / "data" / "rag_docs"
 EXAMPLE_PLUGINS = Path(__file__).resolve().parent / "example_plugins.py"
 # Two short categories keep the guard prompt inside the tiny stand-in guard model's 512 positions.
 GUARD_CATEGORIES = {"S1": "Violent Crimes", "S10": "Hate"}
+GUARD_KV_CACHE_GB = 0.05  # the guard engine's, taken from its worker's budget (raised by as much)
 PLUGGED_MAX_TOKENS = 48  # the ReplaceWords plugin's cap on every request of the assistant model
 
 
@@ -52,16 +53,17 @@ def plugin_model_configs(cache_dir: Path, guard_model: Path) -> dict[str, dict[s
         {"plugin": "example_plugins:RedactDigits"},
         {"plugin": "rag", "options": rag},
     ]
+    guarded = small_model_config(kv_cache_memory_gb=SMALL_ENGINE["kv_cache_memory_gb"] + GUARD_KV_CACHE_GB)
     return {
         "assistant": with_plugins(small_model_config(), assistant),
-        "guarded": with_plugins(small_model_config(), [guard_plugin(guard_model, threshold=1.0, output_threshold=0.0)]),
-        "refusing": with_plugins(small_model_config(), [guard_plugin(guard_model, stages=["input"], threshold=0.0)]),
+        "guarded": with_plugins(guarded, [guard_plugin(guard_model, threshold=1.0, output_threshold=0.0)]),
+        "refusing": with_plugins(guarded, [guard_plugin(guard_model, stages=["input"], threshold=0.0)]),
     }
 
 
 def guard_plugin(guard_model: Path, **options: Any) -> dict[str, Any]:
     """The guard on the tiny random stand-in model, in float32 so that tests can recompute its verdicts exactly."""
-    engine = {"dtype": "float32", "max_model_len": 512}
+    engine = {"dtype": "float32", "max_model_len": 512, "kv_cache_memory_gb": GUARD_KV_CACHE_GB}
     settings = {"model": str(guard_model), "categories": GUARD_CATEGORIES, "output_window_tokens": 8,
                 "prompt_format": "llama_guard_3", "engine": engine}
     return {"plugin": "guard", "options": {**settings, **options}}

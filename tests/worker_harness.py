@@ -13,6 +13,7 @@ from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 from ts.protocol.otf_message_handler import create_predict_response
 
 from engine import AsyncLLMEngine
+from handler.embedding_serving import EmbeddingServing
 from handler.llm_handler import LLMHandler
 from handler.metrics import TorchServeMetrics, default_metrics_config, write_metrics_config
 from handler.openai_serving import OpenAIServing
@@ -70,6 +71,7 @@ class WorkerHarness:
         self.handler = LLMHandler()
         self.handler.serving = OpenAIServing(engine, "tiny", "1.0", "/models/tiny", None, limits, 60.0)
         self.handler.metrics = TorchServeMetrics(cache, "tiny", "1.0")
+        self.handler.embeddings = EmbeddingServing(None, "tiny")
         self.handler.initialized = True
         self._count = 0
 

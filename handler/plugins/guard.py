@@ -33,7 +33,9 @@ GUARD_ENGINE_DEFAULTS = {"kv_cache_memory_gb": 0.25, "max_num_seqs": 16, "gpu_me
 
 @dataclass
 class GuardOptions:
-    model: str = field(default="", metadata={"path": True})  # the guard model: a Hugging Face folder or a GGUF file (relative: in the model folder)
+    # The guard model: a Hugging Face folder or a GGUF file (relative: in the model folder). None: the embedded
+    # SmolLM2, a stand-in for trying the plugin out (it is no safety classifier).
+    model: Optional[str] = field(default=None, metadata={"path": True})
     stages: list[str] = field(default_factory=lambda: list(STAGES))
     threshold: float = 0.5  # unsafe when P(unsafe) > threshold: 0 blocks everything, 1 nothing
     output_threshold: Optional[float] = None  # the output stage's threshold; None: `threshold`
@@ -47,8 +49,8 @@ class GuardOptions:
     engine: dict[str, Any] = field(default_factory=dict)  # the guard engine's EngineConfig keys
 
     def __post_init__(self) -> None:
-        if not isinstance(self.model, str) or not self.model:
-            raise ValueError("guard: `model` (the guard model's folder or GGUF file) is required")
+        if self.model is not None and (not isinstance(self.model, str) or not self.model):
+            raise ValueError(f"guard: model must be the guard model's folder or GGUF file, got {self.model!r}")
         if not isinstance(self.stages, list) or not self.stages or not set(self.stages) <= set(STAGES):
             raise ValueError(f"guard: stages must be a non-empty list of {STAGES}, got {self.stages!r}")
         for name in ("threshold", "output_threshold"):
@@ -99,7 +101,7 @@ class GuardPlugin(Plugin):
         self.safe_id, self.unsafe_id = self._verdict_token_ids()
         self._request_ids = itertools.count()
         logger.info("guard model %s: its KV cache (%.2f GiB on CPU) is taken from the worker's budget",
-                    config.model, config.kv_cache_memory_gb)
+                    config.model or "(the embedded SmolLM2)", config.kv_cache_memory_gb)
 
     def reserved_kv_cache_gb(self) -> float:
         config = self.engine.engine.config
@@ -194,14 +196,18 @@ class OutputModeration:
         self.window_tokens = window_tokens
         self.released = ""
         self.pending: list[CompletionOutput] = []
+        self.stopped = False
 
     async def __call__(self, delta: CompletionOutput) -> list[CompletionOutput]:
+        if self.stopped:
+            return []
         self.pending.append(delta)
         held = sum(len(item.token_ids) for item in self.pending)
         if delta.finish_reason is None and held < self.window_tokens:
             return []
         window, self.pending = join_deltas(delta.index, self.pending), []
         if window.text and (await self._judge(window.text)).unsafe:
+            self.stopped = True
             return [finished(_emptied(window), "content_filter")]
         self.released += window.text
         return [window]
@@ -224,5 +230,5 @@ def guard_engine_config(context: PluginContext, options: GuardOptions) -> Engine
     """The guard engine: on the main engine's device and dtype unless `engine:` says otherwise."""
     main = context.engine_config
     values = {**GUARD_ENGINE_DEFAULTS, "device": main.device, "dtype": main.dtype, "num_threads": main.num_threads,
-              **options.engine, "model": str(context.path("guard.model", options.model))}
+              **options.engine, "model": str(context.path("guard.model", options.model)) if options.model else None}
     return settings_from_dict(EngineConfig, values, "guard.engine")
