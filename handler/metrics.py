@@ -49,6 +49,9 @@ LLM_METRICS: dict[str, tuple[MetricTypes, tuple[str, ...]]] = {
     "request_queue_time_seconds": (MetricTypes.HISTOGRAM, MODEL),
     "request_prompt_tokens": (MetricTypes.HISTOGRAM, MODEL),
     "request_generation_tokens": (MetricTypes.HISTOGRAM, MODEL),
+}
+# What the built-in plugins emit, when a model uses them (handler/plugins/rag.py, guard.py).
+PLUGIN_METRICS: dict[str, tuple[MetricTypes, tuple[str, ...]]] = {
     "rag_retrieval_seconds": (MetricTypes.HISTOGRAM, MODEL),
     "guard_verdicts_total": (MetricTypes.COUNTER, (*MODEL, "stage", "verdict")),
     "guard_latency_seconds": (MetricTypes.HISTOGRAM, (*MODEL, "stage")),
@@ -261,7 +264,7 @@ def _check_entry(where: str, entry: Any, section: str) -> None:
 
 
 def _check_llm_metric(where: str, kind: str, entry: dict[str, Any]) -> None:
-    expected = LLM_METRICS.get(entry["name"])
+    expected = LLM_METRICS.get(entry["name"]) or PLUGIN_METRICS.get(entry["name"])
     if expected is None:
         return
     metric_type, dimensions = expected

@@ -21,7 +21,7 @@ from ts.metrics.metric_type_enum import MetricTypes
 from engine.block_manager import BlockStats
 from engine.metrics import EngineStats, FinishedRequestStats
 from handler.metrics import (
-    DEFAULT_METRICS_CONFIG, LLM_METRICS, TorchServeMetrics, check_metrics_yaml, merged_metrics_config,
+    DEFAULT_METRICS_CONFIG, LLM_METRICS, PLUGIN_METRICS, TorchServeMetrics, check_metrics_yaml, merged_metrics_config,
     read_metrics_yaml, write_metrics_config,
 )
 from test_launcher import free_port_flags
@@ -31,11 +31,12 @@ DASHBOARD = REPO / "docker" / "grafana" / "pagedserve-dashboard.json"
 GAUGE = {"name": "my_gauge", "unit": "Count", "dimensions": ["model_name"]}
 
 
-def test_the_shipped_metrics_yaml_declares_every_llm_metric_as_the_handler_emits_it() -> None:
+def test_the_shipped_metrics_yaml_declares_every_llm_and_plugin_metric_as_the_handler_emits_it() -> None:
     config = read_metrics_yaml(DEFAULT_METRICS_CONFIG)
     declared = {entry["name"]: (kind, entry["dimensions"]) for kind, entries in config["model_metrics"].items()
                 for entry in entries}
-    assert declared == {name: (kind.value, list(dims)) for name, (kind, dims) in LLM_METRICS.items()}
+    emitted = {**LLM_METRICS, **PLUGIN_METRICS}
+    assert declared == {name: (kind.value, list(dims)) for name, (kind, dims) in emitted.items()}
 
 
 def test_the_merge_keeps_torchserves_metrics_and_lets_ours_replace_by_name(tmp_path: Path) -> None:
@@ -184,4 +185,5 @@ def test_the_dashboard_uses_only_declared_metrics() -> None:
     exprs = [target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", [])]
     used = {name for expr in exprs for name in re.findall(r"([A-Za-z_]\w*)\s*\{", expr)}
     assert exprs and used <= series, used - series
-    assert used >= {"num_requests_running", "kv_cache_usage_perc", "time_to_first_token_seconds_bucket"}
+    assert used >= {"num_requests_running", "kv_cache_usage_perc", "time_to_first_token_seconds_bucket",
+                    "rag_retrieval_seconds_bucket", "guard_verdicts_total", "guard_latency_seconds_bucket"}
