@@ -19,7 +19,7 @@ from engine.sequence import Request
 from handler.protocol import (
     APIError, ChatRequest, CompletionRequest, RequestLimits, parse_chat_request, parse_completion_request,
 )
-from handler.plugins import PluginPipeline, PluginReply, PluginRequest
+from handler.plugins import OutputFilter, Plugin, PluginPipeline, PluginReply, PluginRequest
 from handler.plugins.pipeline import run_filters
 from handler.response_budget import ResponseBudget
 
@@ -198,6 +198,8 @@ class OpenAIServing:
         if call.reply is not None:
             return _replied(call)
         deltas = _engine_errors(_merge([self.engine.stream(request) for request in call.requests]))
+        if not self.pipeline.plugins:
+            return deltas
         return _filtered(deltas, ChoiceFilters(self.pipeline, call.plugged, call.num_prompts * call.n))
 
     async def _stream_completion(self, call: _Call, request: CompletionRequest) -> AsyncIterator[str]:
@@ -291,7 +293,7 @@ class ChoiceFilters:
         self.pipeline = pipeline
         self.plugged = plugged
         self.open_choices = num_choices
-        self.filters: dict[tuple[int, int], list[Any]] = {}
+        self.filters: dict[tuple[int, int], list[tuple[Plugin, OutputFilter]]] = {}
         self.ended: set[tuple[int, int]] = set()
 
     async def apply(self, prompt_index: int, delta: CompletionOutput) -> list[CompletionOutput]:
@@ -299,7 +301,7 @@ class ChoiceFilters:
         if key in self.ended:
             return []
         if key not in self.filters:
-            self.filters[key] = self.pipeline.output_filters(self.plugged)
+            self.filters[key] = self.pipeline.output_filters(self.plugged, prompt_index)
         passed = await run_filters(self.filters[key], delta)
         if any(out.finish_reason is not None for out in passed):
             self.ended.add(key)

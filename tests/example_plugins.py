@@ -75,7 +75,7 @@ class RedactDigits(Plugin):
     name = "redact_digits"
     request_fields = {"redact": "bool"}
 
-    def output_filter(self, request: PluginRequest) -> Optional["_Redactor"]:
+    def output_filter(self, request: PluginRequest, prompt_index: int) -> Optional["_Redactor"]:
         return _Redactor() if request.extension("redact") else None
 
 

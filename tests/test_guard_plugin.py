@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import math
+from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
 import torch
 
-from engine import CompletionOutput
-from handler.plugins.guard import GuardOptions, OutputModeration, Verdict
+from engine import CompletionOutput, EngineConfig
+from handler.plugins import PluginContext
+from handler.plugins.guard import GuardOptions, GuardPlugin, OutputModeration, Verdict
 from handler.plugins.llama_guard import conversation_turns, guard_prompt, guard_task, violated_categories
 from ts_http import engine_state, http
 from ts_server import GUARD_CATEGORIES
@@ -51,6 +53,14 @@ def test_a_stream_sends_nothing_of_an_unsafe_window(plugin_server: Any) -> None:
     chunks = [chunk for chunk in stream if chunk.choices]
     assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks) == ""
     assert [chunk.choices[0].finish_reason for chunk in chunks][-1] == "content_filter"
+
+
+def test_each_prompt_and_choice_of_a_text_completion_is_moderated(plugin_server: Any) -> None:
+    response = client_for(plugin_server, "guarded").completions.create(
+        model="guarded", prompt=["Once upon a time", "The recipe calls for"], n=2, max_tokens=12, temperature=0.5)
+    assert [len(response.guard["input"]), response.guard["input"][1]["verdict"]] == [2, "safe"]
+    assert sorted(choice.index for choice in response.choices) == [0, 1, 2, 3]
+    assert all(choice.finish_reason == "content_filter" and choice.text == "" for choice in response.choices)
 
 
 def test_the_reported_probability_is_the_guard_models_own(plugin_server: Any) -> None:
@@ -124,6 +134,21 @@ def test_verdict_categories_are_parsed_from_the_second_line() -> None:
     assert violated_categories("\nS1,S10", GUARD_CATEGORIES) == ["S1", "S10"]
     assert violated_categories("\nS3, S1", GUARD_CATEGORIES) == ["S1"]
     assert violated_categories("\nnothing", GUARD_CATEGORIES) == []
+
+
+def test_a_conversation_longer_than_the_guards_context_is_judged_on_its_end(tiny_model: Any) -> None:
+    guard = GuardPlugin(GuardOptions(model=str(tiny_model("llama")), categories=GUARD_CATEGORIES,
+                                     engine={"max_model_len": 256, "kv_cache_memory_gb": 0.02}))
+    guard.initialize(PluginContext(Path("."), EngineConfig(), lambda: None, lambda: None, lambda *a, **k: None))
+    try:
+        long_turns = [("User", "tell me a story " * 60), ("Agent", "once upon a time " * 80), ("User", "go on")]
+        fitted = guard._prompt_ids(long_turns)
+        assert len(fitted) <= 256 - guard.options.max_category_tokens - 2
+        assert fitted == guard._render(long_turns[-1:])  # the two long turns before it did not fit
+        verdict = asyncio.run(guard.judge([("User", "word " * 400)], "input"))
+        assert 0 < verdict.unsafe_probability < 1
+    finally:
+        guard.engine.shutdown()
 
 
 @pytest.mark.parametrize("options, named", [

@@ -102,12 +102,10 @@ class Plugin:
         """Inspect or rewrite the request; return a reply to answer it without the engine."""
         return None
 
-    def output_filter(self, request: PluginRequest) -> Optional[OutputFilter]:
-        """A fresh filter for one choice of this request, or None to leave its output alone."""
+    def output_filter(self, request: PluginRequest, prompt_index: int) -> Optional[OutputFilter]:
+        """A fresh filter for one choice of this request's prompt `prompt_index` (always 0 for a chat), or None to
+        leave its output alone."""
         return None
-
-    def close(self) -> None:
-        """Release what `initialize` created; called when the worker stops."""
 
 
 def join_deltas(index: int, deltas: list[CompletionOutput]) -> CompletionOutput:

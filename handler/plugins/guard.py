@@ -10,6 +10,7 @@ and nothing past an unsafe window is sent.
 """
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import math
@@ -108,23 +109,24 @@ class GuardPlugin(Plugin):
         return config.kv_cache_memory_gb if config.device == "cpu" and config.num_kv_blocks is None else 0.0
 
     async def before(self, request: PluginRequest) -> None:
+        """A chat is judged as one conversation; each prompt of a text completion on its own."""
         if "input" not in self.options.stages:
             return None
-        verdict = await self.judge(self._turns(request), "input")
-        if verdict.unsafe:
-            raise APIError(refusal_message(verdict, self.categories), code="content_filter",
-                           param="messages" if request.is_chat else "prompt")
+        conversations = [self._turns(request, i) for i in range(1 if request.is_chat else len(request.body.prompts))]
+        verdicts = await asyncio.gather(*(self.judge(turns, "input") for turns in conversations))
+        for verdict in verdicts:
+            if verdict.unsafe:
+                raise APIError(refusal_message(verdict, self.categories), code="content_filter",
+                               param="messages" if request.is_chat else "prompt")
         if self.options.report:
-            request.response_fields["guard"] = {"input": verdict.to_dict(self.categories)}
+            reported = [verdict.to_dict(self.categories) for verdict in verdicts]
+            request.response_fields["guard"] = {"input": reported[0] if request.is_chat else reported}
         return None
 
-    def output_filter(self, request: PluginRequest) -> Optional["OutputModeration"]:
+    def output_filter(self, request: PluginRequest, prompt_index: int) -> Optional["OutputModeration"]:
         if "output" not in self.options.stages:
             return None
-        return OutputModeration(self, self._turns(request), self.options.output_window_tokens)
-
-    def close(self) -> None:
-        self.engine.shutdown()
+        return OutputModeration(self, self._turns(request, prompt_index), self.options.output_window_tokens)
 
     async def judge(self, conversation: list[Turn], stage: str) -> Verdict:
         """The guard's verdict on the last turn of `conversation`, counted in the guard metrics."""
@@ -142,14 +144,31 @@ class GuardPlugin(Plugin):
             return self.options.output_threshold
         return self.options.threshold
 
-    def _turns(self, request: PluginRequest) -> list[Turn]:
-        """What the client sent, before other plugins rewrote it: the chat's turns, or each prompt as a user turn."""
+    def _turns(self, request: PluginRequest, prompt_index: int) -> list[Turn]:
+        """What the client sent, before other plugins rewrote it: the chat's turns, or one prompt as a user turn."""
         if request.is_chat:
             return conversation_turns(request.original.messages)
-        prompts = request.original.prompts
-        return [("User", p if isinstance(p, str) else self.main_tokenizer().decode(p)) for p in prompts]
+        prompt = request.original.prompts[prompt_index]
+        return [("User", prompt if isinstance(prompt, str) else self.main_tokenizer().decode(prompt))]
 
     def _prompt_ids(self, conversation: list[Turn]) -> list[int]:
+        """The guard prompt, fitted into the guard's context: the oldest turns go first, then the start of the last
+        one (the text judged last is what matters)."""
+        room = self.engine.max_model_len - self.options.max_category_tokens - 2
+        ids = self._render(conversation)
+        while len(ids) > room:
+            if len(conversation) > 1:
+                conversation = conversation[1:]
+            elif conversation[0][1]:
+                speaker, text = conversation[0]
+                conversation = [(speaker, text[len(text) // 4 + 1:])]
+            else:
+                raise ValueError(f"the guard prompt takes {len(ids)} tokens without any conversation; the guard "
+                                 f"model's max_model_len ({self.engine.max_model_len}) is too small")
+            ids = self._render(conversation)
+        return ids
+
+    def _render(self, conversation: list[Turn]) -> list[int]:
         tokenizer = self.engine.tokenizer
         text = guard_prompt(guard_task(conversation, self.categories), self.options.prompt_format, tokenizer)
         return list(tokenizer.encode(text, add_special_tokens=False))

@@ -107,19 +107,15 @@ class PluginPipeline:
                 return reply
         return None
 
-    def output_filters(self, request: PluginRequest) -> list[tuple[Plugin, OutputFilter]]:
-        """One choice's filters, innermost (last plugin) first."""
+    def output_filters(self, request: PluginRequest, prompt_index: int) -> list[tuple[Plugin, OutputFilter]]:
+        """The filters of one choice of prompt `prompt_index`, innermost (last plugin) first."""
         filters = []
         for plugin in reversed(self.plugins):
             with _failures_of(plugin):
-                output_filter = plugin.output_filter(request)
+                output_filter = plugin.output_filter(request, prompt_index)
             if output_filter is not None:
                 filters.append((plugin, output_filter))
         return filters
-
-    def close(self) -> None:
-        for plugin in self.plugins:
-            plugin.close()
 
 
 async def run_filters(filters: list[tuple[Plugin, OutputFilter]], delta: CompletionOutput) -> list[CompletionOutput]:
