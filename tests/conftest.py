@@ -8,7 +8,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Iterator
+from typing import Any, AsyncIterator, Callable, Iterator, Optional
 
 import pytest
 import torch
@@ -203,6 +203,23 @@ class PluginServer:
         return (self.server.run_dir / "logs" / "model_log.log").read_text(errors="replace")
 
 
+_plugin_servers: list[TorchServeProcess] = []
+PLUGIN_SERVER = "plugin_server"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The tests on the plugin server run first and together: it stops after the last of them (below), so that its
+    workers' memory is free for the rest of the session."""
+    items.sort(key=lambda item: PLUGIN_SERVER not in getattr(item, "fixturenames", ()))
+
+
+def pytest_runtest_teardown(item: pytest.Item, nextitem: Optional[pytest.Item]) -> None:
+    if PLUGIN_SERVER in getattr(item, "fixturenames", ()) and (
+            nextitem is None or PLUGIN_SERVER not in getattr(nextitem, "fixturenames", ())):
+        for server in _plugin_servers:
+            server.stop()
+
+
 @pytest.fixture(scope="session")
 def plugin_server(tmp_path_factory: pytest.TempPathFactory, tiny_model: Callable[[str], Path]) -> Iterator[PluginServer]:
     """The users' example plugins are shipped in the assistant's model folder, as a user would ship them."""
@@ -212,6 +229,7 @@ def plugin_server(tmp_path_factory: pytest.TempPathFactory, tiny_model: Callable
     (folders["assistant"] / EXAMPLE_PLUGINS.name).write_bytes(EXAMPLE_PLUGINS.read_bytes())
     models = {name: folder.name for name, folder in folders.items()}
     with torchserve_process(root, models, token_auth=False, model_api=True) as server:
+        _plugin_servers.append(server)
         for name in models:
             server.wait_until_ready(name, "1.0", STARTUP_TIMEOUT)
         served = {name: ServedModel(server, name, "1.0") for name in models}

@@ -42,8 +42,9 @@ def torchserve_process(root: Path, models: dict[str, str], **options: Any) -> To
 
 
 def plugin_model_configs(cache_dir: Path, guard_model: Path) -> dict[str, dict[str, Any]]:
-    """Model-configs by model name: `assistant` (users' plugins, then hybrid RAG over tests/data/rag_docs),
-    `guarded` (input passes and is reported, every output is blocked) and `refusing` (every input is blocked)."""
+    """Model-configs by model name: `assistant` (SmolLM2: users' plugins, then hybrid RAG over tests/data/rag_docs),
+    `guarded` (input passes and is reported, every output is blocked) and `refusing` (every input is blocked); the
+    last two serve the tiny random llama, which is also their guard: what they generate does not matter."""
     rag = {"documents": str(RAG_DOCUMENTS), "cache_dir": str(cache_dir), "chunk_tokens": 96, "chunk_overlap": 24}
     assistant = [
         {"plugin": "example_plugins:FailOn"},
@@ -53,7 +54,8 @@ def plugin_model_configs(cache_dir: Path, guard_model: Path) -> dict[str, dict[s
         {"plugin": "example_plugins:RedactDigits"},
         {"plugin": "rag", "options": rag},
     ]
-    guarded = small_model_config(kv_cache_memory_gb=SMALL_ENGINE["kv_cache_memory_gb"] + GUARD_KV_CACHE_GB)
+    guarded = model_yaml(small_model_config(max_model_len=512, kv_cache_memory_gb=GUARD_KV_CACHE_GB * 2),
+                         str(guard_model), {})
     return {
         "assistant": with_plugins(small_model_config(), assistant),
         "guarded": with_plugins(guarded, [guard_plugin(guard_model, threshold=1.0, output_threshold=0.0)]),
