@@ -93,8 +93,8 @@ class OpenAIServing:
         return {"object": "list", "data": [card]}
 
     async def create_completion(self, body: Any, request_id: str) -> Response:
-        plugged = PluginRequest(request_id, parse_completion_request(body, self.limits, self.pipeline.request_fields))
-        reply = await self.pipeline.before(plugged)
+        plugged, reply = await self._through_plugins(
+            parse_completion_request(body, self.limits, self.pipeline.request_fields), request_id)
         request = plugged.body
         call = self._start(f"cmpl-{request_id}", "text_completion", plugged, request.prompts, "prompt", reply)
         if request.stream:
@@ -108,8 +108,8 @@ class OpenAIServing:
         return call.envelope(choices=sorted(choices, key=lambda c: c["index"]), usage=_usage(outputs))
 
     async def create_chat_completion(self, body: Any, request_id: str) -> Response:
-        plugged = PluginRequest(request_id, parse_chat_request(body, self.limits, self.pipeline.request_fields))
-        reply = await self.pipeline.before(plugged)
+        plugged, reply = await self._through_plugins(
+            parse_chat_request(body, self.limits, self.pipeline.request_fields), request_id)
         request = plugged.body
         prompt = self._chat_prompt(request.messages) if reply is None else []
         if request.params.max_tokens is None:
@@ -121,14 +121,22 @@ class OpenAIServing:
         choices = [_chat_choice(out, request.params.logprobs) for out in outputs[0].outputs]
         return call.envelope(choices=choices, usage=_usage(outputs))
 
+    async def _through_plugins(
+        self, request: Union[CompletionRequest, ChatRequest], request_id: str
+    ) -> tuple[PluginRequest, Optional[PluginReply]]:
+        """The request as the plugins left it, and a plugin's reply if one answered; a request for another model
+        is refused before any plugin spends time on it."""
+        self._check_model(request.model)
+        plugged = PluginRequest(request_id, request)
+        return plugged, await self.pipeline.before(plugged)
+
     def _start(
         self, call_id: str, object_name: str, plugged: PluginRequest, prompts: list[Any], what: str,
         reply: Optional[PluginReply],
     ) -> _Call:
-        """Check the model, the response's size, every prompt and the engine's room before any prompt reaches it;
-        a call that a plugin answered reaches no engine."""
+        """Check the response's size, every prompt and the engine's room before any prompt reaches the engine; a
+        call that a plugin answered reaches none."""
         request = plugged.body
-        self._check_model(request.model)
         self._check_response_size(request, len(prompts))
         requests = [] if reply is not None else self._make_requests(call_id, prompts, request, what)
         object_name = object_name if not request.stream else f"{object_name}.chunk"

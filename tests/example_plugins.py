@@ -58,15 +58,25 @@ class FailOnOptions:
 
 
 class FailOn(Plugin):
-    """A broken plugin: raises on requests whose last message holds `trigger`."""
+    """A broken plugin: raises on requests whose last message holds `trigger`, and in the output filter of a request
+    that sends `"fail_output": true`."""
 
     name = "fail_on"
     Options = FailOnOptions
+    request_fields = {"fail_output": "bool"}
 
     async def before(self, request: PluginRequest) -> None:
         if request.is_chat and self.options.trigger in request.body.messages[-1]["content"]:
             raise RuntimeError("this plugin is broken on purpose")
         return None
+
+    def output_filter(self, request: PluginRequest, prompt_index: int) -> Optional["_Broken"]:
+        return _Broken() if request.extension("fail_output") else None
+
+
+class _Broken:
+    async def __call__(self, delta: CompletionOutput) -> list[CompletionOutput]:
+        raise RuntimeError("this output filter is broken on purpose")
 
 
 class RedactDigits(Plugin):

@@ -11,7 +11,7 @@ import yaml
 
 from handler.config import HandlerConfig
 from handler.launcher import main as launcher_main
-from ts_http import http
+from ts_http import http, http_bytes
 from ts_server import PLUGGED_MAX_TOKENS
 
 
@@ -63,6 +63,23 @@ def test_a_failing_plugin_fails_only_its_request(plugin_server: Any, client: ope
     assert status == 500
     assert body["error"]["type"] == "server_error" and "fail_on plugin failed" in body["error"]["message"]
     assert chat(client, "Say hi.").choices[0].finish_reason in ("stop", "length")
+
+
+def test_a_failing_output_filter_ends_only_its_stream(plugin_server: Any, client: openai.OpenAI) -> None:
+    url = plugin_server.models["assistant"].openai_base_url + "/chat/completions"
+    body = {"messages": [{"role": "user", "content": "Say hi."}], "fail_output": True, "rag": False}
+    status, whole = http(url, body)
+    assert status == 500 and "fail_on plugin failed" in whole["error"]["message"]
+    status, streamed = http_bytes(url, {**body, "stream": True})
+    events = [line for line in streamed.decode().splitlines() if line.startswith("data: ")]
+    assert status == 200 and "fail_on plugin failed" in events[-2] and events[-1] == "data: [DONE]"
+    assert chat(client, "Say hi.").choices[0].finish_reason in ("stop", "length")
+
+
+def test_a_wrong_model_name_is_refused_before_the_plugins(plugin_server: Any) -> None:
+    url = plugin_server.models["assistant"].openai_base_url + "/chat/completions"
+    status, body = http(url, {"model": "gpt-4", "messages": [{"role": "user", "content": "please EXPLODE"}]})
+    assert status == 404 and body["error"]["code"] == "model_not_found"
 
 
 def test_an_unknown_request_field_is_still_a_400(plugin_server: Any) -> None:
