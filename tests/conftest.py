@@ -54,6 +54,7 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "llama_odd_vocab": dict(model_type="llama", vocab_size=49155, tie_word_embeddings=True),
 }
 
+SESSION_DEFAULT_MAX_TOKENS = 64
 _live_engines: list[Any] = []  # LLM or AsyncLLMEngine: anything with an `.engine`
 
 
@@ -178,12 +179,15 @@ def complete_step(manager: BlockManager, scheduled: list[ScheduledSeq], next_tok
 @pytest.fixture(scope="session")
 def torchserve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedModel]:
     """One TorchServe for the session: the embedded SmolLM2 as `smollm2` version 1.0, token auth off, model API on.
+    A chat request without max_tokens stops after SESSION_DEFAULT_MAX_TOKENS (the fuzz tests send many).
 
     Attributes: model_name, model_version, inference_url, management_url, metrics_url, predictions_url
     (.../predictions/NAME/VERSION), openai_base_url (predictions_url + "/v1"), server (the TorchServeProcess).
     """
     root = tmp_path_factory.mktemp("ts")
-    folder = build_archive("smollm2", "1.0", small_model_config(), root / "store")
+    config = small_model_config()
+    config["handler"]["limits"] = {"default_max_tokens": SESSION_DEFAULT_MAX_TOKENS}
+    folder = build_archive("smollm2", "1.0", config, root / "store")
     with torchserve_process(root, {"smollm2": folder.name}, token_auth=False, model_api=True) as server:
         server.wait_until_ready("smollm2", "1.0", STARTUP_TIMEOUT)
         yield ServedModel(server, "smollm2", "1.0")
