@@ -75,7 +75,8 @@ class LLMHandler:
         tokenizer = functools.cache(
             lambda: load_tokenizer(resolve_model(engine_config.model), engine_config.tokenizer, required=True)
         )
-        return PluginContext(Path(model_dir), engine_config, tokenizer, self.embeddings.model, self.metrics.emit)
+        return PluginContext(Path(model_dir), engine_config, tokenizer, self.embeddings.model, self.metrics.emit,
+                             _exit_for_restart)
 
     async def handle(self, data: list[dict[str, Any]], context: Context) -> list[str]:
         """Answer one request. Every reply ends with a message that tells the frontend the request is done

@@ -11,7 +11,8 @@ import openai
 import pytest
 import torch
 
-from engine import CompletionOutput, EngineConfig
+from conftest import wait_until
+from engine import CompletionOutput, EngineConfig, EngineDeadError
 from handler.plugins import PluginContext
 from handler.plugins.guard import GuardOptions, GuardPlugin, OutputModeration, Verdict
 from handler.plugins.llama_guard import conversation_turns, guard_prompt, guard_task, violated_categories
@@ -136,10 +137,35 @@ def test_verdict_categories_are_parsed_from_the_second_line() -> None:
     assert violated_categories("\nnothing", GUARD_CATEGORIES) == []
 
 
-def test_a_conversation_longer_than_the_guards_context_is_judged_on_its_end(tiny_model: Any) -> None:
+def tiny_guard(tiny_model: Any, **context: Any) -> GuardPlugin:
+    """The guard plugin in-process on the tiny llama, with a 256-token context."""
     guard = GuardPlugin(GuardOptions(model=str(tiny_model("llama")), categories=GUARD_CATEGORIES,
                                      engine={"max_model_len": 256, "kv_cache_memory_gb": 0.02}))
-    guard.initialize(PluginContext(Path("."), EngineConfig(), lambda: None, lambda: None, lambda *a, **k: None))
+    guard.initialize(PluginContext(Path("."), EngineConfig(), lambda: None, lambda: None, lambda *a, **k: None,
+                                   **context))
+    return guard
+
+
+def _boom(*args: object) -> None:
+    raise RuntimeError("boom")
+
+
+def test_a_dead_guard_engine_ends_the_worker_through_the_context(tiny_model: Any, monkeypatch: Any) -> None:
+    deaths: list[EngineDeadError] = []
+    guard = tiny_guard(tiny_model, engine_died=deaths.append)
+    try:
+        monkeypatch.setattr(guard.engine, "_apply_commands", _boom)
+        guard.engine.abort("wake-up")  # a command: the idle step thread runs its loop once more, and fails
+        assert wait_until(lambda: not guard.engine.is_running)
+        assert len(deaths) == 1 and "boom" in str(deaths[0])
+        with pytest.raises(EngineDeadError):
+            asyncio.run(guard.judge([("User", "hi")], "input"))
+    finally:
+        guard.engine.shutdown()
+
+
+def test_a_conversation_longer_than_the_guards_context_is_judged_on_its_end(tiny_model: Any) -> None:
+    guard = tiny_guard(tiny_model)
     try:
         long_turns = [("User", "tell me a story " * 60), ("Agent", "once upon a time " * 80), ("User", "go on")]
         fitted = guard._prompt_ids(long_turns)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Optional, Protocol, Union
 
 from engine.config import EngineConfig
+from engine.errors import EngineDeadError
 from engine.outputs import CompletionOutput
 from handler.model_paths import path_in_model_dir
 from handler.protocol import ChatRequest, CompletionRequest
@@ -68,6 +69,8 @@ class PluginContext:
     tokenizer: Callable[[], Any]  # the main model's tokenizer, loaded on first call
     embedding_model: Callable[[], Any]  # the worker's handler.embeddings.EmbeddingModel, loaded on first call
     emit_metric: EmitMetric
+    # For a plugin's own engine: its death ends the worker, so that TorchServe starts a fresh one (as the main's).
+    engine_died: Callable[[EngineDeadError], None] = lambda error: None
 
     def path(self, key: str, value: str) -> Path:
         """A path option: relative ones are inside the model folder (they may not leave it)."""

@@ -99,6 +99,7 @@ class GuardPlugin(Plugin):
         self.emit_metric = context.emit_metric
         config = guard_engine_config(context, self.options)
         self.engine = AsyncLLMEngine.from_config(config)
+        self.engine.add_death_callback(context.engine_died)
         self.safe_id, self.unsafe_id = self._verdict_token_ids()
         self._request_ids = itertools.count()
         logger.info("guard model %s: its KV cache (%.2f GiB on CPU) is taken from the worker's budget",
