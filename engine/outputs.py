@@ -21,6 +21,14 @@ class CompletionOutput:
     finish_reason: Optional[str] = None
     stop_reason: Union[int, str, None] = None
 
+    def add(self, delta: "CompletionOutput") -> None:
+        """Fold a later delta of this completion into it (logprobs only while both hold them)."""
+        self.text += delta.text
+        self.token_ids.extend(delta.token_ids)
+        if self.logprobs is not None and delta.logprobs is not None:
+            self.logprobs.extend(delta.logprobs)
+        self.finish_reason, self.stop_reason = delta.finish_reason, delta.stop_reason
+
 
 @dataclass
 class RequestMetrics:
@@ -53,11 +61,7 @@ class RequestOutput:
                 copy = CompletionOutput(new.index, "", [], [] if new.logprobs is not None else None)
                 by_index[new.index] = old = copy
                 self.outputs.append(copy)
-            old.text += new.text
-            old.token_ids.extend(new.token_ids)
-            if old.logprobs is not None and new.logprobs is not None:
-                old.logprobs.extend(new.logprobs)
-            old.finish_reason, old.stop_reason = new.finish_reason, new.stop_reason
+            old.add(new)
         self.outputs.sort(key=lambda out: out.index)
         self.finished = delta.finished
         self.metrics = delta.metrics

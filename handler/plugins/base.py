@@ -112,15 +112,13 @@ class Plugin:
 
 
 def join_deltas(index: int, deltas: list[CompletionOutput]) -> CompletionOutput:
-    """Several deltas of one choice as one: text, tokens and logprobs in order, the last finish_reason."""
-    logprobs = None
-    if deltas and all(delta.logprobs is not None for delta in deltas):
-        logprobs = [entry for delta in deltas for entry in delta.logprobs]
-    last = deltas[-1] if deltas else None
-    return CompletionOutput(
-        index, "".join(delta.text for delta in deltas), [t for delta in deltas for t in delta.token_ids], logprobs,
-        last.finish_reason if last else None, last.stop_reason if last else None,
-    )
+    """Several deltas of one choice as one: text, tokens and logprobs (if every delta has them) in order, the last
+    finish_reason."""
+    with_logprobs = bool(deltas) and all(delta.logprobs is not None for delta in deltas)
+    joined = CompletionOutput(index, "", [], [] if with_logprobs else None)
+    for delta in deltas:
+        joined.add(delta)
+    return joined
 
 
 def finished(delta: CompletionOutput, reason: str) -> CompletionOutput:

@@ -100,7 +100,8 @@ class GuardPlugin(Plugin):
         config = guard_engine_config(context, self.options)
         self.engine = AsyncLLMEngine.from_config(config)
         self.engine.add_death_callback(context.engine_died)
-        self.safe_id, self.unsafe_id = self._verdict_token_ids()
+        safe_tokens, self.unsafe_tokens = self._verdict_tokens()
+        self.safe_id, self.unsafe_id = safe_tokens[0], self.unsafe_tokens[0]
         self._request_ids = itertools.count()
         logger.info("guard model %s: its KV cache (%.2f GiB on CPU) is taken from the worker's budget",
                     config.model or "(the embedded SmolLM2)", config.kv_cache_memory_gb)
@@ -183,9 +184,8 @@ class GuardPlugin(Plugin):
         return 1.0 / (1.0 + math.exp(logprobs[self.safe_id].logprob - logprobs[self.unsafe_id].logprob))
 
     async def _categories(self, prompt: list[int]) -> list[str]:
-        unsafe_ids = list(self.engine.tokenizer.encode(self.options.unsafe_word, add_special_tokens=False))
         params = SamplingParams(max_tokens=self.options.max_category_tokens, temperature=0.0)
-        output = await self._generate(prompt + unsafe_ids, params)
+        output = await self._generate(prompt + self.unsafe_tokens, params)
         return violated_categories(output.text, self.categories)
 
     async def _generate(self, prompt: list[int], params: SamplingParams) -> CompletionOutput:
@@ -193,8 +193,8 @@ class GuardPlugin(Plugin):
         deltas = [output.outputs[0] async for output in self.engine.stream(request)]
         return join_deltas(0, deltas)
 
-    def _verdict_token_ids(self) -> tuple[int, int]:
-        """The first token of each verdict word; they must differ."""
+    def _verdict_tokens(self) -> tuple[list[int], list[int]]:
+        """The tokens of each verdict word; their first tokens must differ."""
         tokenizer = self.engine.tokenizer
         ids = [list(tokenizer.encode(word, add_special_tokens=False)) for word in
                (self.options.safe_word, self.options.unsafe_word)]
@@ -204,7 +204,7 @@ class GuardPlugin(Plugin):
         for word, tokens in zip((self.options.safe_word, self.options.unsafe_word), ids):
             if len(tokens) > 1:
                 logger.warning("guard: %r is %d tokens for the guard model; its first token decides", word, len(tokens))
-        return ids[0][0], ids[1][0]
+        return ids[0], ids[1]
 
 
 class OutputModeration:
