@@ -12,6 +12,7 @@ from engine.config import EngineConfig
 from engine.errors import EngineDeadError, EngineOverloadedError
 from engine.host_memory import release_free_heap
 from engine.llm_engine import LLMEngine, Prompt
+from engine.lora.request import LoRARequest
 from engine.metrics import EngineStats, StatLogger
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
@@ -117,18 +118,31 @@ class AsyncLLMEngine:
         return self.engine.max_model_len
 
     def make_request(
-        self, request_id: str, prompt: Prompt, params: Optional[SamplingParams] = None, timeout: Optional[float] = None
+        self, request_id: str, prompt: Prompt, params: Optional[SamplingParams] = None, timeout: Optional[float] = None,
+        lora_request: Optional[LoRARequest] = None,
     ) -> Request:
         """Validate and tokenize with no state touched; ValueError names what is wrong. A request still unfinished
-        `timeout` seconds from now is aborted, and its stream raises RequestTimeoutError."""
-        return self.engine.make_request(request_id, prompt, params, timeout)
+        `timeout` seconds from now is aborted, and its stream raises RequestTimeoutError. With `lora_request` it
+        runs with that adapter (LLMEngine.make_request)."""
+        return self.engine.make_request(request_id, prompt, params, timeout, lora_request)
 
     async def generate(
-        self, request_id: str, prompt: Prompt, params: Optional[SamplingParams] = None, timeout: Optional[float] = None
+        self, request_id: str, prompt: Prompt, params: Optional[SamplingParams] = None, timeout: Optional[float] = None,
+        lora_request: Optional[LoRARequest] = None,
     ) -> AsyncIterator[RequestOutput]:
         """Yield output deltas until the request finishes; leaving the loop early aborts it. Raises as `stream`."""
-        async for output in self.stream(self.make_request(request_id, prompt, params, timeout)):
+        async for output in self.stream(self.make_request(request_id, prompt, params, timeout, lora_request)):
             yield output
+
+    def add_lora(self, lora_request: LoRARequest) -> None:
+        """LLMEngine.add_lora: reads the adapter (blocking) in the calling thread; safe while the engine steps."""
+        self.engine.add_lora(lora_request)
+
+    def remove_lora(self, name: str) -> bool:
+        return self.engine.remove_lora(name)
+
+    def list_loras(self) -> list[str]:
+        return self.engine.list_loras()
 
     async def stream(self, request: Request) -> AsyncIterator[RequestOutput]:
         """Run a request from `make_request`, yielding its deltas; leaving the loop early aborts it.

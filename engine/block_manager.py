@@ -1,6 +1,7 @@
 """KV-cache block accounting: free list, reference counts and automatic prefix caching.
 
-A full block is identified by a chained hash of (parent block hash, its token ids). It becomes
+A full block is identified by a chained hash of (parent block hash, its token ids); a sequence's first block
+has its request's `prefix_cache_root` as parent (its LoRA adapter, or None). It becomes
 hittable only once its KV exists: `cache_computed_blocks`, called after the step that computed it,
 so a step that fails leaves nothing hittable that was never written. A block whose last reference
 is dropped keeps its hash and stays hittable until it is handed out again; free blocks are handed
@@ -10,11 +11,11 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Optional
+from typing import Hashable, Optional
 
 from engine.sequence import Sequence
 
-BlockKey = tuple[Optional[int], tuple[int, ...]]
+BlockKey = tuple[Optional[Hashable], tuple[int, ...]]  # (parent block hash, or the chain's root; token ids)
 
 
 @dataclass
@@ -50,7 +51,7 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return []
         hits: list[int] = []
-        parent: Optional[int] = None
+        parent = seq.request.prefix_cache_root
         for start in range(0, seq.num_tokens - 1 - self.block_size + 1, self.block_size):
             key = (parent, tuple(seq.token_ids[start : start + self.block_size]))
             block = self.cached_blocks.get(hash(key))
@@ -83,7 +84,7 @@ class BlockManager:
             return
         num_full = seq.num_computed_tokens // self.block_size
         for index in range(seq.num_hashed_blocks, num_full):
-            parent = self.blocks[seq.block_table[index - 1]].block_hash if index else None
+            parent = self.blocks[seq.block_table[index - 1]].block_hash if index else seq.request.prefix_cache_root
             block = self.blocks[seq.block_table[index]]
             start = index * self.block_size
             block.key = (parent, tuple(seq.token_ids[start : start + self.block_size]))

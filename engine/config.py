@@ -48,20 +48,29 @@ class EngineConfig:
     quantized_dense_rows: Optional[int] = 8
     kv_cache_dtype: str = "auto"  # auto: the model's dtype; fp8_e4m3 / fp8_e5m2 hold twice the tokens
     kv_cache_scale: Optional[float] = None  # fp8 cache: stored = value / scale; null: measured per layer at start
+    enable_lora: bool = False  # serve PEFT LoRA adapters (engine.lora): requests name one, or the base model
+    max_loras: int = 4  # adapters one step serves at once: preallocated slots beside the weights
+    max_lora_rank: int = 16  # slots hold ranks up to this; an adapter of higher rank is refused
+    max_cpu_loras: Optional[int] = None  # adapters kept read in memory, least recently used out; null: max_loras
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
-        if not isinstance(self.enforce_eager, bool):
-            raise ValueError(f"enforce_eager must be true or false, got {self.enforce_eager!r}")
+        for name in ("enforce_eager", "enable_lora"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         _require_choice(self, ("load_format", LOAD_FORMATS), ("quantization", QUANTIZATIONS),
                         ("kv_cache_dtype", KV_CACHE_DTYPES))
         _require_positive(
             self, "block_size", "max_num_seqs", "max_num_waiting", "max_num_batched_tokens", "tensor_parallel_size",
-            "stream_interval", "quantization_group_size",
+            "stream_interval", "quantization_group_size", "max_loras", "max_lora_rank",
         )
+        if self.max_cpu_loras is not None:
+            _require_positive(self, "max_cpu_loras")
+            if self.max_cpu_loras < self.max_loras:
+                raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})")
         if self.quantized_dense_rows is not None:
             _require_positive(self, "quantized_dense_rows")
         if self.kv_cache_scale is not None:

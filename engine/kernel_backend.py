@@ -9,6 +9,7 @@ import torch
 
 from engine.attention import torch_backend
 from engine.layers.activation import silu_and_mul
+from engine.layers.lora import LoRAKernel, LoRAStep, apply_lora
 from engine.layers.norm import rms_norm
 from engine.layers.rotary import Angles, apply_rotary
 
@@ -24,6 +25,7 @@ class KernelBackend:
     silu_and_mul: Callable[[torch.Tensor], torch.Tensor] = silu_and_mul
     single_row_matmul: Optional[Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]] = None
     int8_single_row_matmul: Optional[Callable[..., torch.Tensor]] = None  # engine.native.ops's
+    apply_lora: LoRAKernel = apply_lora
 
 
 TORCH_BACKEND = KernelBackend("torch", torch_backend.paged_attention, rms_norm, apply_rotary)
@@ -91,5 +93,12 @@ def _triton_backend() -> KernelBackend:
     from engine.kernels import rotary as triton_rotary
 
     return KernelBackend(
-        "triton", triton_backend.paged_attention, triton_rms_norm.rms_norm, triton_rotary.apply_rotary
+        "triton", triton_backend.paged_attention, triton_rms_norm.rms_norm, triton_rotary.apply_rotary,
+        apply_lora=_triton_apply_lora,
     )
+
+
+def _triton_apply_lora(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, step: LoRAStep) -> None:
+    from engine.kernels.lora import apply_lora_triton
+
+    apply_lora_triton(out, x, a, b, step.token_slots)

@@ -8,6 +8,7 @@ from tqdm import tqdm
 
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine, Prompt
+from engine.lora.request import LoRARequest
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 
@@ -37,13 +38,16 @@ class LLM:
         prompts: Union[Prompt, Sequence[Prompt]],
         sampling_params: Union[None, SamplingParams, Sequence[SamplingParams]] = None,
         use_tqdm: bool = True,
+        lora_request: Union[None, LoRARequest, Sequence[Optional[LoRARequest]]] = None,
     ) -> list[RequestOutput]:
-        """Generate for every prompt (text or token ids); outputs come back in prompt order."""
+        """Generate for every prompt (text or token ids); outputs come back in prompt order. `lora_request`: one
+        adapter for every prompt, or one (or None: the base model) per prompt."""
         prompt_list = _as_prompt_list(prompts)
-        params_list = _as_params_list(sampling_params, len(prompt_list))
+        params_list = _per_prompt(sampling_params, SamplingParams, len(prompt_list), "sampling_params")
+        lora_list = _per_prompt(lora_request, LoRARequest, len(prompt_list), "lora_request")
         requests = [
-            self.engine.make_request(f"llm-{next(self._request_counter)}", prompt, params)
-            for prompt, params in zip(prompt_list, params_list)
+            self.engine.make_request(f"llm-{next(self._request_counter)}", prompt, params, lora_request=lora)
+            for prompt, params, lora in zip(prompt_list, params_list, lora_list)
         ]
         for request in requests:
             self.engine.add_request(request)
@@ -71,12 +75,11 @@ def _as_prompt_list(prompts: Union[Prompt, Sequence[Prompt]]) -> list[Prompt]:
     return prompt_list
 
 
-def _as_params_list(
-    params: Union[None, SamplingParams, Sequence[SamplingParams]], count: int
-) -> list[Optional[SamplingParams]]:
-    if params is None or isinstance(params, SamplingParams):
-        return [params] * count
-    params_list = list(params)
-    if len(params_list) != count:
-        raise ValueError(f"sampling_params: got {len(params_list)} for {count} prompts")
-    return params_list
+def _per_prompt(value: Any, single: type, count: int, name: str) -> list[Any]:
+    """`value` repeated for each prompt when it is None or one `single`, else its items, one per prompt."""
+    if value is None or isinstance(value, single):
+        return [value] * count
+    values = list(value)
+    if len(values) != count:
+        raise ValueError(f"{name}: got {len(values)} for {count} prompts")
+    return values

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections import Counter
 from typing import Callable, Optional, Union
 
 from engine.block_manager import BlockManager
@@ -13,6 +14,9 @@ from engine.distributed import TPGroup, check_devices, rank_device
 from engine.errors import EngineDeadError, RequestFailedError, RequestTimeoutError
 from engine.layers.sharding import check_tp_size
 from engine.loader import ModelSource, read_model_config, resolve_model
+from engine.lora.adapter import LoRAAdapter
+from engine.lora.cache import AdapterCache
+from engine.lora.request import LoRARequest
 from engine.metrics import EngineStats, RequestCounters
 from engine.model_runner import ModelRunner, SampledStep
 from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
@@ -55,7 +59,11 @@ class LLMEngine:
         self.runner = self._start_ranks(source, model_max_len)
         num_blocks = self.runner.num_kv_blocks
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        max_loras = config.max_loras if config.enable_lora else 0
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, max_loras)
+        self.loras: Optional[AdapterCache] = None
+        if config.enable_lora:
+            self.loras = AdapterCache(self.model_config, config.max_lora_rank, config.max_cpu_loras or max_loras)
         self.detokenizer = Detokenizer(self.tokenizer)
         self.eos_token_ids = set(self.model_config.eos_token_ids)
         self.requests: dict[str, Request] = {}
@@ -78,10 +86,12 @@ class LLMEngine:
             raise
 
     def make_request(
-        self, request_id: str, prompt: Prompt, params: Optional[SamplingParams] = None, timeout: Optional[float] = None
+        self, request_id: str, prompt: Prompt, params: Optional[SamplingParams] = None, timeout: Optional[float] = None,
+        lora_request: Optional[LoRARequest] = None,
     ) -> Request:
         """Validate and tokenize without touching engine state; ValueError names what is wrong. A request still
-        unfinished `timeout` seconds from now is aborted with finish_reason "timeout"."""
+        unfinished `timeout` seconds from now is aborted with finish_reason "timeout". With `lora_request` it runs
+        with that adapter, read first unless loaded (add_lora)."""
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling params must be SamplingParams, got {type(params).__name__}")
@@ -91,7 +101,27 @@ class LLMEngine:
         self._check_vocabulary_bounds(params)
         prompt_text, token_ids = self._tokenize(prompt)
         self._check_length(len(token_ids), params)
-        return Request(request_id, prompt_text, token_ids, params, timeout)
+        lora = None if lora_request is None else self._adapter(lora_request)
+        return Request(request_id, prompt_text, token_ids, params, timeout, lora)
+
+    def add_lora(self, lora_request: LoRARequest) -> None:
+        """Read and check an adapter into the loaded ones (LRU of max_cpu_loras); ValueError names any problem."""
+        self._adapter(lora_request)
+
+    def remove_lora(self, name: str) -> bool:
+        """Forget a loaded adapter (False if none has that name). Requests using it finish with it; a later one
+        naming it reads it again."""
+        return self.loras is not None and self.loras.remove(name)
+
+    def list_loras(self) -> list[str]:
+        return [] if self.loras is None else self.loras.names()
+
+    def _adapter(self, lora_request: LoRARequest) -> LoRAAdapter:
+        if self.loras is None:
+            raise ValueError("LoRA adapters need the engine started with enable_lora: true")
+        if not isinstance(lora_request, LoRARequest):
+            raise ValueError(f"lora_request must be a LoRARequest, got {type(lora_request).__name__}")
+        return self.loras.get(lora_request)
 
     def add_request(self, request: Request) -> None:
         if request.request_id in self.requests:
@@ -161,6 +191,8 @@ class LLMEngine:
             prompt_tokens=self.counters.prompt_tokens,
             generation_tokens=self.counters.generation_tokens,
             blocks=blocks,
+            lora_requests_running=_requests_per_adapter(running),
+            lora_requests_waiting=_requests_per_adapter(waiting),
         )
 
     def _take_sampled(self, step: SampledStep) -> list[RequestOutput]:
@@ -338,6 +370,11 @@ def _check_timeout(timeout: Optional[float]) -> None:
 
 def _count_requests(seqs: list[Sequence]) -> int:
     return len({seq.request.request_id for seq in seqs})
+
+
+def _requests_per_adapter(seqs: list[Sequence]) -> dict[str, int]:
+    requests = {seq.request.request_id: seq.request.lora.name for seq in seqs if seq.request.lora is not None}
+    return dict(Counter(requests.values()))
 
 
 def _request_metrics(request: Request) -> RequestMetrics:

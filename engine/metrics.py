@@ -5,7 +5,7 @@ Plain numbers with no exporter attached: whoever serves the engine turns them in
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from engine.block_manager import BlockStats
@@ -23,6 +23,8 @@ class EngineStats:
     prompt_tokens: int
     generation_tokens: int
     blocks: BlockStats
+    lora_requests_running: dict[str, int] = field(default_factory=dict)  # LoRA adapter name -> requests
+    lora_requests_waiting: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass

@@ -6,6 +6,7 @@ ranks). Rank 0 builds each step's inputs and sends them to the others, which onl
 from __future__ import annotations
 
 import logging
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Optional
 
@@ -17,6 +18,9 @@ from engine.config import EngineConfig
 from engine.cuda_graphs import DecodeGraphs
 from engine.distributed import TPGroup
 from engine.kv_scales import CALIBRATION_TOKENS, calibration_token_ids, recording_kv_amax, scale_for
+from engine.lora.cache import AdapterCache
+from engine.lora.request import LoRARequest
+from engine.lora.slots import LoRASlots
 from engine.models.config import ModelConfig
 from engine.models.llama import LlamaForCausalLM
 from engine.sampler import Sampler, SamplerOutput
@@ -48,9 +52,10 @@ class ModelRunner:
 
     def __init__(
         self, model: LlamaForCausalLM, model_config: ModelConfig, config: EngineConfig, max_model_len: int,
-        tp: Optional[TPGroup] = None,
+        tp: Optional[TPGroup] = None, lora: Optional[LoRASlots] = None,
     ) -> None:
         self.model = model
+        self.lora = lora
         self.config = config
         self.max_model_len = max_model_len
         self.tp = tp or TPGroup()
@@ -63,6 +68,10 @@ class ModelRunner:
         if self.tp.rank == 0:
             self.sampler = Sampler(model_config.vocab_size, model_config.eos_token_ids, config.seed, self.device)
         self.decode_graphs: Optional[DecodeGraphs] = None
+        self.received_adapters: Optional[AdapterCache] = None  # ranks > 0: the adapters rank 0 put in slots
+        if lora is not None and self.tp.rank > 0:
+            capacity = config.max_cpu_loras or config.max_loras
+            self.received_adapters = AdapterCache(model_config, config.max_lora_rank, capacity)
 
     def kv_block_bytes(self) -> int:
         """Bytes one KV block takes in this rank's cache."""
@@ -75,12 +84,19 @@ class ModelRunner:
         """Rank 0: run one step; what was sampled for the sequences that complete their known tokens."""
         batch = sorted(batch, key=lambda item: item.num_new_tokens != 1)
         inputs = self._prepare_inputs(batch)
+        if self.lora is not None:
+            inputs.lora_slots, inputs.lora_loads = self._assign_lora_slots(batch)
         if self.tp.size > 1:
             inputs.send(self.tp)
         logits = self.run(inputs)
         if logits is None:
             return SampledStep()
         return self._sample(logits, [item.seq for item in batch if item.completes_prompt])
+
+    def _assign_lora_slots(self, batch: list[ScheduledSeq]) -> tuple[torch.Tensor, list[tuple[int, LoRARequest]]]:
+        """Each sequence's LoRA slot, loading adapters into slots as needed; and the loads, for the other ranks."""
+        slots, loads = self.lora.assign([item.seq.request.lora for item in batch])
+        return torch.tensor(slots, dtype=torch.long), [(slot, adapter.request) for slot, adapter in loads]
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampledStep:
         """The whole batch at once; only if that raises, each sequence alone from the same logits, so that a
@@ -103,14 +119,20 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, inputs: StepInputs) -> Optional[torch.Tensor]:
         """Every rank: the model over one step's tokens; logits of the sampled rows on rank 0, else None."""
-        hidden = self._forward(inputs)
+        with self._lora_running(inputs):
+            hidden = self._forward(inputs)
         if not len(inputs.sample_indices):
             return None
         return self.model.compute_logits(hidden[inputs.sample_indices.to(self.device)])
 
+    def _lora_running(self, inputs: StepInputs) -> AbstractContextManager[None]:
+        return nullcontext() if self.lora is None else self.lora.running(inputs.token_lora_slots())
+
     def _forward(self, inputs: StepInputs) -> torch.Tensor:
-        """Hidden states of the step's tokens: a CUDA graph replay for decode-only steps that fit one, else eager."""
-        size = self.decode_graphs.batch_size_for(inputs) if self.decode_graphs else None
+        """Hidden states of the step's tokens: a CUDA graph replay for decode-only steps that fit one and use no
+        LoRA adapter, else eager."""
+        uses_lora = self.lora is not None and self.lora.context.step is not None
+        size = self.decode_graphs.batch_size_for(inputs) if self.decode_graphs and not uses_lora else None
         if size is not None:
             return self.decode_graphs.replay(inputs, size)
         metadata = inputs.metadata(self.block_size, self.device)
@@ -119,6 +141,8 @@ class ModelRunner:
     def serve_steps(self) -> None:
         """Ranks > 0: run each step rank 0 sends until it stops."""
         while (inputs := StepInputs.receive(self.tp)) is not None:
+            for slot, lora in inputs.lora_loads:
+                self.lora.load(slot, self.received_adapters.get(lora))
             self.run(inputs)
 
     def _prepare_inputs(self, batch: list[ScheduledSeq]) -> StepInputs:

@@ -17,6 +17,7 @@ Fairness, so that a long or wide request cannot starve later small ones:
 - A step that preempted admits no waiting sequence: the freed blocks are the running sequences'
   headroom, and filling them would force the next preemption at once. So no sequence is readmitted
   in the step that preempted it.
+- With LoRA, a waiting sequence whose adapter is not among the running ones waits while `max_loras` adapters run.
 - With prefix caching, a sibling (n > 1) waits while another sequence of its request prefills their
   prompt, then joins with the prompt's blocks as cache hits (blocks are hittable only once computed).
 """
@@ -42,10 +43,14 @@ class ScheduledSeq:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(
+        self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int, max_loras: int = 0
+    ) -> None:
+        """`max_loras`: distinct LoRA adapters the running sequences may use at once (0: LoRA is off)."""
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_loras = max_loras
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -115,7 +120,7 @@ class Scheduler:
 
     def _admit(self, seq: Sequence, budget: int) -> Optional[ScheduledSeq]:
         """Move `seq`, the queue's head, to running with blocks for up to `budget` tokens; None if it must wait."""
-        if self._waits_for_sibling_prefill(seq):
+        if self._waits_for_sibling_prefill(seq) or self._waits_for_lora_slot(seq):
             return None
         cached_prefix = self.block_manager.find_cached_prefix(seq)
         num_new = min(seq.num_tokens - len(cached_prefix) * self.block_manager.block_size, budget)
@@ -136,6 +141,13 @@ class Scheduler:
             other.status == SequenceStatus.RUNNING and other.num_computed_tokens < num_shareable
             for other in seq.request.seqs
         )
+
+    def _waits_for_lora_slot(self, seq: Sequence) -> bool:
+        lora = seq.request.lora
+        if lora is None:
+            return False
+        running = {other.request.lora.adapter_id for other in self.running if other.request.lora is not None}
+        return lora.adapter_id not in running and len(running) >= self.max_loras
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

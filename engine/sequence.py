@@ -5,10 +5,11 @@ import enum
 import itertools
 import time
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Hashable, Optional, Union
 
 import torch
 
+from engine.lora.adapter import LoRAAdapter
 from engine.outputs import Logprob
 from engine.sampling_params import SEED_LIMIT, SamplingParams
 
@@ -89,9 +90,10 @@ class RequestTimes:
 class Request:
     def __init__(
         self, request_id: str, prompt: Optional[str], prompt_token_ids: list[int], params: SamplingParams,
-        timeout: Optional[float] = None,
+        timeout: Optional[float] = None, lora: Optional[LoRAAdapter] = None,
     ) -> None:
         self.request_id = request_id
+        self.lora = lora  # the adapter it runs with; None: the base model
         self.prompt = prompt
         self.prompt_token_ids = prompt_token_ids
         self.params = params
@@ -105,6 +107,11 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return all(seq.is_finished for seq in self.seqs)
+
+    @property
+    def prefix_cache_root(self) -> Optional[Hashable]:
+        """Where its blocks' prefix-cache hash chain starts: an adapter's KV never matches another's."""
+        return None if self.lora is None else self.lora.cache_key
 
 
 def _make_generator(seed: Optional[int], index: int) -> Optional[torch.Generator]:

@@ -20,6 +20,7 @@ from engine.host_memory import limit_onednn_primitive_cache
 from engine.kernel_backend import select_backend
 from engine.layers.quantization import QuantizationPlan
 from engine.loader import ModelSource, load_model
+from engine.lora.slots import LoRASlots
 from engine.model_runner import ModelRunner
 from engine.models.config import ModelConfig
 
@@ -43,10 +44,11 @@ class Worker:
         )
         model.use_kernels(backend)
         logger.info("rank %d: %s kernels (attention_backend %s)", tp.rank, backend.name, config.attention_backend)
+        lora = LoRASlots(model, config.max_loras, config.max_lora_rank, backend.apply_lora) if config.enable_lora else None
         if backend.name == "native" and tp.size == 1 and not config.enforce_eager:
             model.use_native_stack()
             logger.info("rank %d: decoder layers run as one native call per step", tp.rank)
-        self.runner = ModelRunner(model, model_config, config, max_position, tp)
+        self.runner = ModelRunner(model, model_config, config, max_position, tp, lora)
         self.runner.set_kv_scales()
         self.runner.allocate_kv_cache(tp.min(_blocks_that_fit(config, self.runner, device)))
         if device.type == "cuda" and not config.enforce_eager:

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.distributed import TPGroup
+from engine.layers.lora import LoRALayout, LoRAWeights
 from engine.layers.quantization import HoldsCodes
 from engine.layers.quantized import is_codes
 from engine.layers.sharding import Partition
@@ -28,6 +29,9 @@ class PackableMatmul(HoldsCodes):
     weight: nn.Parameter
     packed_weight: Optional[torch.Tensor] = None
     single_row_matmul: Optional[Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]] = None
+    in_features: int
+    out_features: int
+    lora: Optional[LoRAWeights] = None  # engine.lora.slots.LoRASlots sets it
 
     def pack(self, keep_plain_weight: bool = False) -> None:
         """Reorder the weight if the platform gains from it; the plain weight is freed unless kept for the native
@@ -47,6 +51,10 @@ class PackableMatmul(HoldsCodes):
             return F.linear(x, self.weight, bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, bias, "none", [], "")
 
+    def with_lora(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """`out` plus the LoRA products of the step's adapters, if any."""
+        return out if self.lora is None else self.lora.apply(out, x)
+
 
 def can_pack(weight: torch.Tensor) -> bool:
     return (
@@ -62,6 +70,7 @@ class ColumnParallelLinear(PackableMatmul):
         super().__init__()
         self.parts = parts
         output_size = sum(part.size for part in parts)
+        self.in_features, self.out_features = input_size, output_size  # this rank's, whatever `pack` leaves
         self.weight = nn.Parameter(torch.empty(output_size, input_size), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(output_size), requires_grad=False) if bias else None
 
@@ -76,8 +85,13 @@ class ColumnParallelLinear(PackableMatmul):
             return
         getattr(self, kind)[offset : offset + rows.size].copy_(tensor[rows.start : rows.stop])
 
+    def lora_layout(self, part: int) -> LoRALayout:
+        rows = self.parts[part]
+        offset = sum(earlier.size for earlier in self.parts[:part])
+        return LoRALayout(slice(None), slice(rows.start, rows.stop), offset)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.matmul(x, self.bias)
+        return self.with_lora(self.matmul(x, self.bias), x)
 
 
 class RowParallelLinear(PackableMatmul):
@@ -86,6 +100,7 @@ class RowParallelLinear(PackableMatmul):
         super().__init__()
         self.columns = columns
         self.tp = tp
+        self.in_features, self.out_features = columns.size, output_size  # this rank's, whatever `pack` leaves
         self.weight = nn.Parameter(torch.empty(output_size, columns.size), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(output_size), requires_grad=False) if bias else None
 
@@ -101,10 +116,14 @@ class RowParallelLinear(PackableMatmul):
             return
         self.weight.copy_(tensor[:, self.columns.start : self.columns.stop])
 
+    def lora_layout(self, part: int) -> LoRALayout:
+        return LoRALayout(slice(self.columns.start, self.columns.stop), slice(None), 0)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """With several ranks each adds its share of the LoRA product to its partial sum before the all-reduce."""
         if self.tp.size == 1:
-            return self.matmul(x, self.bias)
-        out = self.tp.all_reduce(self.matmul(x))
+            return self.with_lora(self.matmul(x, self.bias), x)
+        out = self.tp.all_reduce(self.with_lora(self.matmul(x), x))
         return out if self.bias is None else out + self.bias
 
 

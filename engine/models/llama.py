@@ -30,6 +30,16 @@ STACKED_PROJECTIONS = {
     "gate_proj": ("gate_up_proj", 0),
     "up_proj": ("gate_up_proj", 1),
 }
+# checkpoint projection -> (our linear layer within a decoder layer, part index): where its LoRA applies
+LORA_TARGETS = {
+    "q_proj": ("self_attn.qkv_proj", 0),
+    "k_proj": ("self_attn.qkv_proj", 1),
+    "v_proj": ("self_attn.qkv_proj", 2),
+    "o_proj": ("self_attn.o_proj", 0),
+    "gate_proj": ("mlp.gate_up_proj", 0),
+    "up_proj": ("mlp.gate_up_proj", 1),
+    "down_proj": ("mlp.down_proj", 0),
+}
 
 
 class LlamaAttention(nn.Module):
@@ -168,6 +178,19 @@ class LlamaForCausalLM(nn.Module):
     def use_native_stack(self) -> None:
         """Run every decoder layer of a step in one native call (CPU, one rank, after `pack_weights`)."""
         self.model.native_stack = NativeDecoderStack(self.model.layers, self.model.norm, self.config)
+
+    def lora_target(self, layer: int, projection: str) -> tuple[PackableMatmul, int]:
+        """The linear layer of decoder layer `layer` that checkpoint `projection` is part of, and the part."""
+        module_name, part = LORA_TARGETS[projection]
+        return self.model.layers[layer].get_submodule(module_name), part
+
+    def lora_linears(self) -> list[tuple[PackableMatmul, int]]:
+        """Every linear layer that LoRA adapts, with the number of checkpoint projections it stacks."""
+        names = sorted({module_name for module_name, _ in LORA_TARGETS.values()})
+        return [
+            (layer.get_submodule(name), 1 + max(p for n, p in LORA_TARGETS.values() if n == name))
+            for layer in self.model.layers for name in names
+        ]
 
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn.attn for layer in self.model.layers]
