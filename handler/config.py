@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -13,7 +14,9 @@ from engine.config import EngineConfig
 from handler.model_paths import path_in_model_dir
 from handler.plugins import Plugin, load_plugins
 from handler.plugins.pipeline import plugin_class
-from handler.protocol import RequestLimits
+from handler.protocol import ADAPTER_NAME, ADAPTER_NAME_RULE, RequestLimits
+
+logger = logging.getLogger(__name__)
 
 # The keys TorchServe 0.12.0's frontend and Python worker read from a model-config YAML.
 FRONTEND_KEYS = frozenset({
@@ -23,7 +26,9 @@ FRONTEND_KEYS = frozenset({
     "sequenceMaxIdleMSec", "sequenceTimeoutMSec", "maxNumSequence", "maxSequenceJobQueueSize",
     "continuousBatching", "sequenceBatching", "asyncCommunication", "useVenv", "pt2",
 })
-HANDLER_KEYS = ("model", "served_model_name", "chat_template", "engine", "limits", "plugins", "embedding_model")
+HANDLER_KEYS = (
+    "model", "served_model_name", "chat_template", "engine", "limits", "plugins", "embedding_model", "lora_modules",
+)
 
 
 @dataclass
@@ -37,6 +42,7 @@ class HandlerConfig:
     limits: RequestLimits = field(default_factory=RequestLimits)
     plugins: list[Plugin] = field(default_factory=list)  # handler.plugins.pipeline: in the order listed
     embedding_model: Optional[str] = None  # a sentence-transformers folder; None: the packaged all-MiniLM-L6-v2
+    lora_modules: dict[str, str] = field(default_factory=dict)  # adapter name -> PEFT folder, loaded at startup
 
     @classmethod
     def from_dict(cls, section: dict[str, Any], model_dir: Optional[str] = None) -> "HandlerConfig":
@@ -50,12 +56,38 @@ class HandlerConfig:
             if value is not None and (not isinstance(value, str) or not value):
                 raise ValueError(f"handler.{name} must be a non-empty string, got {value!r}")
         model = path_in_model_dir("handler.model", model, model_dir)
-        engine = EngineConfig.from_dict({**engine_values, "model": model})
+        lora_modules = _lora_modules(section.get("lora_modules") or {}, model_dir)
+        engine = EngineConfig.from_dict({**_lora_enabled(engine_values, lora_modules), "model": model})
         limits = RequestLimits.from_dict(_mapping("handler.limits", section.get("limits") or {}))
         plugins = load_plugins(section.get("plugins") or [])
         embedding_model = path_in_model_dir("handler.embedding_model", section.get("embedding_model"), model_dir)
         return cls(model, section.get("served_model_name"), section.get("chat_template"), engine, limits, plugins,
-                   embedding_model)
+                   embedding_model, lora_modules)
+
+
+def _lora_modules(modules: Any, model_dir: Optional[str]) -> dict[str, str]:
+    """`handler.lora_modules`, {adapter name: PEFT folder}, with relative folders inside the model folder."""
+    for name, path in _mapping("handler.lora_modules", modules).items():
+        if not isinstance(name, str) or not ADAPTER_NAME.fullmatch(name):
+            raise ValueError(f"handler.lora_modules: the adapter name {name!r} must be {ADAPTER_NAME_RULE}")
+        if not isinstance(path, str) or not path:
+            raise ValueError(f"handler.lora_modules.{name} must be a PEFT folder's path, got {path!r}")
+    # Spelled as the engine spells a folder (no trailing slash), so that its adapter cache knows the folder again.
+    return {name: str(Path(path_in_model_dir(f"handler.lora_modules.{name}", path, model_dir)))
+            for name, path in modules.items()}
+
+
+def _lora_enabled(engine_values: dict[str, Any], lora_modules: dict[str, str]) -> dict[str, Any]:
+    """Startup adapters need `enable_lora`: turned on when the YAML leaves it out, refused when it says otherwise."""
+    if not lora_modules:
+        return engine_values
+    if "enable_lora" not in engine_values:
+        logger.info("handler.lora_modules lists adapters: handler.engine.enable_lora is turned on")
+    elif engine_values["enable_lora"] is not True:
+        raise ValueError(
+            f"handler.lora_modules needs handler.engine.enable_lora: true, got {engine_values['enable_lora']!r}"
+        )
+    return {**engine_values, "enable_lora": True}
 
 
 def check_model_yaml(config: dict[str, Any]) -> None:
@@ -112,12 +144,16 @@ def _check_parallel(config: dict[str, Any]) -> None:
 
 
 def with_absolute_paths(config: dict[str, Any], folder: Path) -> dict[str, Any]:
-    """`config` with the relative paths of `handler.embedding_model` and of the plugins' path options made
-    absolute from `folder`: a YAML outside a model folder (the launcher's --config) means paths beside itself."""
+    """`config` with the relative paths of `handler.embedding_model`, `handler.lora_modules` and of the plugins'
+    path options made absolute from `folder`: a YAML outside a model folder (the launcher's --config) means paths
+    beside itself."""
     result = copy.deepcopy(config)
     section = result.get("handler") or {}
     if isinstance(section.get("embedding_model"), str):
         section["embedding_model"] = str(folder / Path(section["embedding_model"]).expanduser())
+    if isinstance(section.get("lora_modules"), dict):
+        section["lora_modules"] = {name: str(folder / Path(path).expanduser()) if isinstance(path, str) else path
+                                   for name, path in section["lora_modules"].items()}
     for i, entry in enumerate(section.get("plugins") or []):
         if isinstance(entry, dict) and isinstance(entry.get("options"), dict):
             cls = plugin_class(f"handler.plugins[{i}]", entry.get("plugin"))

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import threading
+import time
 from http import HTTPStatus
 from pathlib import Path
 from contextlib import aclosing
@@ -23,6 +24,7 @@ from engine.tokenizer import load_tokenizer
 from handler.config import HandlerConfig, handler_config
 from handler.embedding_serving import EmbeddingServing
 from handler.json_body import request_body
+from handler.lora_serving import LoRAAdapters
 from handler.metrics import TorchServeMetrics
 from handler.openai_serving import SSE_DONE, OpenAIServing, sse_event
 from handler.plugins import PluginContext, PluginPipeline
@@ -30,7 +32,8 @@ from handler.protocol import APIError
 from handler.worker_socket import serialize_sends
 
 logger = logging.getLogger(__name__)
-ROUTES = ("v1/completions", "v1/chat/completions", "v1/embeddings", "v1/models")
+ROUTES = ("v1/completions", "v1/chat/completions", "v1/embeddings", "v1/models", "v1/load_lora_adapter",
+          "v1/unload_lora_adapter")
 # After the engine dies, the worker process lives this long, to send the failed requests' error responses.
 EXIT_DELAY_S = 1.0
 DEFAULT_RESPONSE_TIMEOUT_S = 120.0  # TorchServe's, when the model-config sets no responseTimeout
@@ -56,6 +59,9 @@ class LLMHandler:
         pipeline.initialize(self._plugin_context(model_dir, config))
         engine = AsyncLLMEngine.from_config(budget_after_plugins(config.engine, pipeline.reserved_kv_cache_gb()))
         engine.add_death_callback(_exit_for_restart)
+        adapters = LoRAAdapters(engine, config.engine.enable_lora, served_model_name, config.lora_modules,
+                                Path(model_dir), int(time.time()))
+        adapters.load_startup_adapters()
         self.serving = OpenAIServing(
             engine,
             served_model_name,
@@ -65,6 +71,7 @@ class LLMHandler:
             config.limits,
             float(ctx.model_yaml_config.get("responseTimeout", DEFAULT_RESPONSE_TIMEOUT_S)),
             pipeline,
+            adapters,
         )
         self.metrics.start(engine.stats())
         engine.add_stat_logger(self.metrics.record)
@@ -121,6 +128,10 @@ class LLMHandler:
             return await self.serving.create_chat_completion(request_body(row), request_id)
         if route == "v1/embeddings":
             return await self.embeddings.create_embedding(request_body(row))
+        if route == "v1/load_lora_adapter":
+            return await self.serving.adapters.load(request_body(row))
+        if route == "v1/unload_lora_adapter":
+            return await self.serving.adapters.unload(request_body(row))
         raise APIError(f"unknown route {route!r}; this model serves {', '.join(ROUTES)}", status=404, code="unknown_url")
 
     async def _stream(self, events: AsyncIterator[str], context: Context) -> str:

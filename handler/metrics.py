@@ -50,6 +50,12 @@ LLM_METRICS: dict[str, tuple[MetricTypes, tuple[str, ...]]] = {
     "request_prompt_tokens": (MetricTypes.HISTOGRAM, MODEL),
     "request_generation_tokens": (MetricTypes.HISTOGRAM, MODEL),
 }
+# Per LoRA adapter (vLLM's lora_requests_info, as one gauge per state): each worker's requests using the adapter.
+LORA_GAUGE = (*WORKER_GAUGE, "lora_name")
+LORA_METRICS: dict[str, tuple[MetricTypes, tuple[str, ...]]] = {
+    "lora_requests_running": (MetricTypes.GAUGE, LORA_GAUGE),
+    "lora_requests_waiting": (MetricTypes.GAUGE, LORA_GAUGE),
+}
 # What the built-in plugins emit, when a model uses them (handler/plugins/rag.py, guard.py).
 PLUGIN_METRICS: dict[str, tuple[MetricTypes, tuple[str, ...]]] = {
     "rag_retrieval_seconds": (MetricTypes.HISTOGRAM, MODEL),
@@ -142,7 +148,8 @@ class TorchServeMetrics:
         self.labels = {"model_name": model_name, "model_version": model_version, "worker_pid": str(os.getpid())}
         self.cache = cache
         self.metrics = _declared_llm_metrics(cache)
-        self._sent: dict[str, float] = {}
+        self._sent: dict[tuple[str, ...], float] = {}  # each series' last gauge value or counter total
+        self._busy_adapters: set[str] = set()  # adapters with requests as of the last stats
         self._loop: Optional[asyncio.AbstractEventLoop] = None
 
     def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -176,6 +183,7 @@ class TorchServeMetrics:
         self._counter("prefix_cache_queries_total", stats.blocks.prefix_cache_queries)
         self._counter("prefix_cache_hits_total", stats.blocks.prefix_cache_hits)
         self._counter("num_preemptions_total", stats.num_preemptions)
+        self._adapter_gauges(stats)
         for record in finished:
             self._finished_request(record)
 
@@ -194,17 +202,28 @@ class TorchServeMetrics:
             if value is not None:
                 self.emit(name, value)
 
-    def _gauge(self, name: str, value: float) -> None:
-        if self._sent.get(name) != value:
-            self.emit(name, value)
-            self._sent[name] = value
+    def _adapter_gauges(self, stats: EngineStats) -> None:
+        """Running and waiting requests of each adapter with any, and once more (at 0) of those that had some
+        at the last stats: an adapter whose requests ended, or that was unloaded, leaves no stale count."""
+        running, waiting = stats.lora_requests_running, stats.lora_requests_waiting
+        adapters = self._busy_adapters | running.keys() | waiting.keys()
+        for adapter in sorted(adapters):
+            self._gauge("lora_requests_running", running.get(adapter, 0), lora_name=adapter)
+            self._gauge("lora_requests_waiting", waiting.get(adapter, 0), lora_name=adapter)
+        self._busy_adapters = {adapter for adapter in adapters if running.get(adapter) or waiting.get(adapter)}
+
+    def _gauge(self, name: str, value: float, **labels: str) -> None:
+        series = (name, *labels.values())
+        if self._sent.get(series) != value:
+            self.emit(name, value, **labels)
+            self._sent[series] = value
 
     def _counter(self, name: str, total: float) -> None:
         """Counters are sent as increments; the first call sends 0 (or the total so far), creating the series."""
-        previous = self._sent.get(name)
+        previous = self._sent.get((name,))
         if previous is None or total > previous:
             self.emit(name, total - (previous or 0))
-            self._sent[name] = total
+            self._sent[(name,)] = total
 
     def emit(self, name: str, value: float, **labels: str) -> None:
         """One observation of a metric the YAML declares (a counter: an increment); other names are dropped.
@@ -264,7 +283,7 @@ def _check_entry(where: str, entry: Any, section: str) -> None:
 
 
 def _check_llm_metric(where: str, kind: str, entry: dict[str, Any]) -> None:
-    expected = LLM_METRICS.get(entry["name"]) or PLUGIN_METRICS.get(entry["name"])
+    expected = {**LLM_METRICS, **LORA_METRICS, **PLUGIN_METRICS}.get(entry["name"])
     if expected is None:
         return
     metric_type, dimensions = expected
@@ -278,7 +297,7 @@ def _check_llm_metric(where: str, kind: str, entry: dict[str, Any]) -> None:
 def _declared_llm_metrics(cache: MetricCacheAbstract) -> dict[str, CachingMetric]:
     """Our metrics that the worker's metrics YAML declares; a mismatched one is an error naming it."""
     declared = {}
-    for name, (metric_type, dimensions) in LLM_METRICS.items():
+    for name, (metric_type, dimensions) in {**LLM_METRICS, **LORA_METRICS}.items():
         try:
             metric = cache.get_metric(name, metric_type)
         except MetricsCacheKeyError:
@@ -288,7 +307,7 @@ def _declared_llm_metrics(cache: MetricCacheAbstract) -> dict[str, CachingMetric
                 f"metrics config: {name} has dimensions {metric.dimension_names}, expected {list(dimensions)}"
             )
         declared[name] = metric
-    missing = sorted(set(LLM_METRICS) - set(declared))
+    missing = sorted((set(LLM_METRICS) | set(LORA_METRICS)) - set(declared))
     if missing:
         logger.info("LLM metrics not in the metrics config, so not reported: %s", missing)
     return declared

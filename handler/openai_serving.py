@@ -14,8 +14,10 @@ from engine import (
     AsyncLLMEngine, ContextLengthError, EngineDeadError, EngineOverloadedError, RequestFailedError, RequestOutput,
     RequestTimeoutError, SamplingParams,
 )
+from engine.lora import LoRARequest
 from engine.outputs import CompletionOutput, Logprob, RequestMetrics
 from engine.sequence import Request
+from handler.lora_serving import LoRAAdapters
 from handler.protocol import (
     APIError, ChatRequest, CompletionRequest, RequestLimits, parse_chat_request, parse_completion_request,
 )
@@ -68,6 +70,7 @@ class OpenAIServing:
         limits: RequestLimits = RequestLimits(),
         request_timeout: Optional[float] = None,
         pipeline: PluginPipeline = PluginPipeline([]),
+        adapters: Optional[LoRAAdapters] = None,
     ) -> None:
         self.engine = engine
         self.served_model_name = served_model_name
@@ -79,6 +82,7 @@ class OpenAIServing:
         self.pipeline = pipeline
         self.response_budget = ResponseBudget(engine.tokenizer, limits.max_response_bytes)
         self.created = int(time.time())
+        self.adapters = adapters or LoRAAdapters.disabled(engine, served_model_name, self.created)
 
     def list_models(self) -> dict[str, Any]:
         card = {
@@ -90,13 +94,13 @@ class OpenAIServing:
             "version": self.version,
             "max_model_len": self.engine.max_model_len,
         }
-        return {"object": "list", "data": [card]}
+        return {"object": "list", "data": [card, *self.adapters.model_cards()]}
 
     async def create_completion(self, body: Any, request_id: str) -> Response:
-        plugged, reply = await self._through_plugins(
+        plugged, reply, lora = await self._through_plugins(
             parse_completion_request(body, self.limits, self.pipeline.request_fields), request_id)
         request = plugged.body
-        call = self._start(f"cmpl-{request_id}", "text_completion", plugged, request.prompts, "prompt", reply)
+        call = self._start(f"cmpl-{request_id}", "text_completion", plugged, request.prompts, "prompt", reply, lora)
         if request.stream:
             return self._stream_completion(call, request)
         outputs = await _collect(self._run(call))
@@ -108,13 +112,13 @@ class OpenAIServing:
         return call.envelope(choices=sorted(choices, key=lambda c: c["index"]), usage=_usage(outputs))
 
     async def create_chat_completion(self, body: Any, request_id: str) -> Response:
-        plugged, reply = await self._through_plugins(
+        plugged, reply, lora = await self._through_plugins(
             parse_chat_request(body, self.limits, self.pipeline.request_fields), request_id)
         request = plugged.body
         prompt = self._chat_prompt(request.messages) if reply is None else []
         if request.params.max_tokens is None:
             request.params = self._default_max_tokens(request.params, len(prompt))
-        call = self._start(f"chatcmpl-{request_id}", "chat.completion", plugged, [prompt], "messages", reply)
+        call = self._start(f"chatcmpl-{request_id}", "chat.completion", plugged, [prompt], "messages", reply, lora)
         if request.stream:
             return self._stream_chat(call, request)
         outputs = await _collect(self._run(call))
@@ -123,43 +127,39 @@ class OpenAIServing:
 
     async def _through_plugins(
         self, request: Union[CompletionRequest, ChatRequest], request_id: str
-    ) -> tuple[PluginRequest, Optional[PluginReply]]:
-        """The request as the plugins left it, and a plugin's reply if one answered; a request for another model
-        is refused before any plugin spends time on it."""
-        self._check_model(request.model)
+    ) -> tuple[PluginRequest, Optional[PluginReply], Optional[LoRARequest]]:
+        """The request as the plugins left it, a plugin's reply if one answered, and the LoRA adapter its `model`
+        names; a request for a model this endpoint does not serve is refused before any plugin spends time on it."""
+        lora = await self.adapters.resolve(request.model)
         plugged = PluginRequest(request_id, request)
-        return plugged, await self.pipeline.before(plugged)
+        return plugged, await self.pipeline.before(plugged), lora
 
     def _start(
         self, call_id: str, object_name: str, plugged: PluginRequest, prompts: list[Any], what: str,
-        reply: Optional[PluginReply],
+        reply: Optional[PluginReply], lora: Optional[LoRARequest],
     ) -> _Call:
         """Check the response's size, every prompt and the engine's room before any prompt reaches the engine; a
         call that a plugin answered reaches none."""
         request = plugged.body
         self._check_response_size(request, len(prompts))
-        requests = [] if reply is not None else self._make_requests(call_id, prompts, request, what)
+        requests = [] if reply is not None else self._make_requests(call_id, prompts, request, what, lora)
         object_name = object_name if not request.stream else f"{object_name}.chunk"
         return _Call(call_id, object_name, request.model or self.served_model_name, int(time.time()), requests,
                      request.params.n, len(prompts), plugged, reply, dict(plugged.response_fields))
 
-    def _make_requests(self, call_id: str, prompts: list[Any], request: Any, what: str) -> list[Request]:
+    def _make_requests(
+        self, call_id: str, prompts: list[Any], request: Any, what: str, lora: Optional[LoRARequest]
+    ) -> list[Request]:
         timeout = min(filter(None, (request.timeout, self.request_timeout)), default=None)
         requests = [
-            self._make_request(f"{call_id}-{i}", prompt, request, what, timeout) for i, prompt in enumerate(prompts)
+            self._make_request(f"{call_id}-{i}", prompt, request, what, timeout, lora)
+            for i, prompt in enumerate(prompts)
         ]
         try:
             self.engine.check_capacity(len(requests))
         except ENGINE_ERRORS as exc:
             raise _api_error(exc) from None
         return requests
-
-    def _check_model(self, model: Optional[str]) -> None:
-        if model is not None and model != self.served_model_name:
-            raise APIError(
-                f"The model `{model}` does not exist; this endpoint serves `{self.served_model_name}`",
-                status=404, param="model", code="model_not_found",
-            )
 
     def _default_max_tokens(self, params: SamplingParams, prompt_len: int) -> SamplingParams:
         """A chat request without max_tokens stops at `limits.default_max_tokens` or at the end of the context."""
@@ -175,9 +175,12 @@ class OpenAIServing:
         except ValueError as exc:
             raise APIError(str(exc), param="max_tokens", code="response_too_large") from None
 
-    def _make_request(self, request_id: str, prompt: Any, request: Any, what: str, timeout: Optional[float]) -> Request:
+    def _make_request(
+        self, request_id: str, prompt: Any, request: Any, what: str, timeout: Optional[float],
+        lora: Optional[LoRARequest],
+    ) -> Request:
         try:
-            return self.engine.make_request(request_id, prompt, request.params, timeout=timeout)
+            return self.engine.make_request(request_id, prompt, request.params, timeout=timeout, lora_request=lora)
         except ContextLengthError as exc:
             asked = f"{exc.max_tokens} in the completion" if request.params.max_tokens else "at least 1 to generate"
             raise APIError(

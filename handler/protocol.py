@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Union
 
@@ -126,6 +127,12 @@ CHAT_FIELDS = {
 }
 
 REQUEST_FIELDS = frozenset({**COMMON_FIELDS, **SAMPLING_FIELDS, **COMPLETION_FIELDS, **CHAT_FIELDS})
+# vLLM's runtime LoRA routes: v1/load_lora_adapter and v1/unload_lora_adapter.
+LOAD_LORA_FIELDS = {"lora_name": "str", "lora_path": "str"}
+UNLOAD_LORA_FIELDS = {"lora_name": "str"}
+# An adapter's name is a request's `model` and a metrics label: TorchServe's metric lines cannot carry , : | or #.
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,127}", re.ASCII)
+ADAPTER_NAME_RULE = "1 to 128 letters, digits, '.', '_', '-' or '/', starting with a letter or a digit"
 
 
 class _Body:
@@ -199,6 +206,31 @@ def parse_chat_request(
     messages = _messages(body.get("messages"))
     return ChatRequest(fields.get("model"), messages, params, stream, include_usage, _timeout(fields),
                        _extensions(fields, extension_fields))
+
+
+def parse_load_lora_request(body: Any) -> tuple[str, str]:
+    """The adapter's name and PEFT folder of a `v1/load_lora_adapter` body."""
+    fields = _Body(body, LOAD_LORA_FIELDS)
+    return _adapter_name(fields), _required(fields, "lora_path")
+
+
+def parse_unload_lora_request(body: Any) -> str:
+    """The adapter's name of a `v1/unload_lora_adapter` body."""
+    return _adapter_name(_Body(body, UNLOAD_LORA_FIELDS))
+
+
+def _adapter_name(fields: _Body) -> str:
+    name = _required(fields, "lora_name")
+    if not ADAPTER_NAME.fullmatch(name):
+        raise APIError(f"lora_name must be {ADAPTER_NAME_RULE}, got {name!r}", param="lora_name")
+    return name
+
+
+def _required(fields: _Body, name: str) -> Any:
+    value = fields.get(name)
+    if value is None or value == "":
+        raise APIError(f"{name} is required", param=name)
+    return value
 
 
 def _sampling_params(

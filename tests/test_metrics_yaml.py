@@ -3,6 +3,7 @@ and the Grafana dashboard's use of the declared names."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -21,8 +22,8 @@ from ts.metrics.metric_type_enum import MetricTypes
 from engine.block_manager import BlockStats
 from engine.metrics import EngineStats, FinishedRequestStats
 from handler.metrics import (
-    DEFAULT_METRICS_CONFIG, LLM_METRICS, PLUGIN_METRICS, TorchServeMetrics, check_metrics_yaml, merged_metrics_config,
-    read_metrics_yaml, write_metrics_config,
+    DEFAULT_METRICS_CONFIG, LLM_METRICS, LORA_METRICS, PLUGIN_METRICS, TorchServeMetrics, check_metrics_yaml,
+    merged_metrics_config, read_metrics_yaml, write_metrics_config,
 )
 from test_launcher import free_port_flags
 
@@ -31,11 +32,11 @@ DASHBOARD = REPO / "docker" / "grafana" / "pagedserve-dashboard.json"
 GAUGE = {"name": "my_gauge", "unit": "Count", "dimensions": ["model_name"]}
 
 
-def test_the_shipped_metrics_yaml_declares_every_llm_and_plugin_metric_as_the_handler_emits_it() -> None:
+def test_the_shipped_metrics_yaml_declares_every_llm_lora_and_plugin_metric_as_the_handler_emits_it() -> None:
     config = read_metrics_yaml(DEFAULT_METRICS_CONFIG)
     declared = {entry["name"]: (kind, entry["dimensions"]) for kind, entries in config["model_metrics"].items()
                 for entry in entries}
-    emitted = {**LLM_METRICS, **PLUGIN_METRICS}
+    emitted = {**LLM_METRICS, **LORA_METRICS, **PLUGIN_METRICS}
     assert declared == {name: (kind.value, list(dims)) for name, (kind, dims) in emitted.items()}
 
 
@@ -160,6 +161,22 @@ def test_the_bridge_sends_counters_as_increments_and_gauges_only_when_they_chang
     bridge.count_rejected("invalid_request_error")
     assert metric_lines(caplog) == [
         ("request_rejected_total", 1.0, "model_name:m,model_version:1.0,error_type:invalid_request_error")
+    ]
+
+
+def test_per_adapter_gauges_are_sent_on_change_and_fall_to_0_with_no_request_left(bridge, caplog) -> None:
+    bridge.start(stats(0, 0))
+    metric_lines(caplog)
+    for running, waiting in (({"a": 2, "b": 1}, {"a": 1}), ({"a": 2}, {}), ({}, {}), ({}, {})):
+        by_adapter = {"lora_requests_running": running, "lora_requests_waiting": waiting}
+        bridge.record(dataclasses.replace(stats(0, 0), **by_adapter), [])
+    sent = [(name, value, dims) for name, value, dims in metric_lines(caplog) if name.startswith("lora_")]
+    worker = f"model_name:m,model_version:1.0,worker_pid:{os.getpid()}"
+    assert sent == [
+        ("lora_requests_running", 2, f"{worker},lora_name:a"), ("lora_requests_waiting", 1, f"{worker},lora_name:a"),
+        ("lora_requests_running", 1, f"{worker},lora_name:b"), ("lora_requests_waiting", 0, f"{worker},lora_name:b"),
+        ("lora_requests_waiting", 0, f"{worker},lora_name:a"), ("lora_requests_running", 0, f"{worker},lora_name:b"),
+        ("lora_requests_running", 0, f"{worker},lora_name:a"),
     ]
 
 
