@@ -5,6 +5,7 @@ With no arguments it serves the embedded SmolLM2-135M-Instruct on CPU with model
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import shlex
 import signal
@@ -46,6 +47,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model_version", default="1.0")
     p.add_argument("--config", type=Path, help=f"model-config YAML (default: {DEFAULT_CONFIG.name})")
     add_tensor_parallel_flag(p)
+    add_lora_flags(p)
     p.add_argument("--model_store", type=Path, help="where the model folder is written (default: a temporary folder)")
     p.add_argument("--host", default="127.0.0.1", help="address of the inference and management APIs")
     p.add_argument("--metrics_host", default="127.0.0.1", help="address of the metrics API (default: loopback only)")
@@ -74,6 +76,40 @@ def add_tensor_parallel_flag(p: argparse.ArgumentParser) -> None:
         help="ranks (GPUs) the engine spans; sets parallelType: custom and parallelLevel "
         "(default: the config's, else the visible GPUs for a CUDA engine, else 1)",
     )
+
+
+def add_lora_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--lora_modules", "--lora-modules", nargs="+", metavar="NAME=PATH", default=[],
+        help="LoRA adapters (PEFT folders) served from startup, as vLLM's --lora-modules: requests name one as "
+        "`model`; added to the config's handler.lora_modules, and turn on --enable_lora",
+    )
+    p.add_argument(
+        "--enable_lora", "--enable-lora", action="store_true",
+        help="serve LoRA adapters: startup ones, and ones loaded at runtime with POST v1/load_lora_adapter",
+    )
+
+
+def apply_lora_flags(config: dict[str, Any], modules: list[str], enable: bool) -> dict[str, Any]:
+    """`config` with the --lora_modules adapters (NAME=PATH, a relative PATH from the current directory) added to
+    `handler.lora_modules`, and `handler.engine.enable_lora` set by --enable_lora."""
+    result = copy.deepcopy(config)
+    handler = result["handler"]
+    if modules:
+        handler["lora_modules"] = {**(handler.get("lora_modules") or {}), **_lora_modules(modules)}
+    if enable:
+        handler["engine"] = {**(handler.get("engine") or {}), "enable_lora": True}
+    return result
+
+
+def _lora_modules(modules: list[str]) -> dict[str, str]:
+    pairs = {}
+    for module in modules:
+        name, _, path = module.partition("=")
+        if not name or not path:
+            raise ValueError(f"--lora_modules takes NAME=PATH pairs, got {module!r}")
+        pairs[name] = str(Path(path).expanduser().absolute())
+    return pairs
 
 
 def split_engine_overrides(
@@ -161,6 +197,7 @@ def _interrupt(signum: int, frame: Any) -> NoReturn:
 
 def serve(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     config = model_yaml(base_config(args.config), args.model_id, overrides)
+    config = apply_lora_flags(config, args.lora_modules, args.enable_lora)
     config = apply_tensor_parallel_size(config, args.tensor_parallel_size)
     name = model_name(args, config)
     limits = handler_config(config).limits
