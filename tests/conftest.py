@@ -273,3 +273,32 @@ def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
     while not condition() and time.monotonic() < deadline:
         time.sleep(0.01)
     return condition()
+
+
+@dataclass(frozen=True)
+class TinyAdapters:
+    """Random PEFT adapters for the tiny llama (tests/lora_adapters.py): `full` targets every projection at rank 8,
+    `rslora` rank 4 with rsLoRA scaling, `attention_qv` q_proj and v_proj only at rank 16."""
+
+    base: Path
+    full: Path
+    rslora: Path
+    attention_qv: Path
+
+    def requests(self) -> list[Any]:
+        from engine.lora import LoRARequest
+
+        return [LoRARequest(name, str(getattr(self, name))) for name in ("full", "rslora", "attention_qv")]
+
+
+@pytest.fixture(scope="session")
+def tiny_adapters(tmp_path_factory: pytest.TempPathFactory, tiny_model: Callable[[str], Path]) -> TinyAdapters:
+    from lora_adapters import make_peft_adapter
+
+    base, root = tiny_model("llama"), tmp_path_factory.mktemp("adapters")
+    return TinyAdapters(
+        base,
+        make_peft_adapter(base, root / "full", rank=8, seed=1),
+        make_peft_adapter(base, root / "rslora", rank=4, alpha=8, seed=2, use_rslora=True),
+        make_peft_adapter(base, root / "attention_qv", rank=16, seed=3, targets=("q_proj", "v_proj")),
+    )

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from engine.attention import AttentionMetadata
+from engine.layers.lora import LoRAContext
 from engine.layers.rotary import Angles
 
 if TYPE_CHECKING:
@@ -34,6 +35,8 @@ class NativeDecoderStack:
             config.rms_norm_eps, dense_rows,
         )
         self.attention_layers = [layer.self_attn.attn for layer in layers]
+        lora = layers[0].self_attn.qkv_proj.lora
+        self.lora_context: Optional[LoRAContext] = None if lora is None else lora.context
 
     def __call__(self, hidden: torch.Tensor, angles: Angles, metadata: AttentionMetadata) -> torch.Tensor:
         cos, sin = angles
@@ -42,14 +45,20 @@ class NativeDecoderStack:
             hidden, cos, sin, [layer.k_cache for layer in layers], [layer.v_cache for layer in layers],
             [_scale(layer.k_scale) for layer in layers], [_scale(layer.v_scale) for layer in layers],
             metadata.slot_mapping, metadata.block_tables, metadata.context_lens, metadata.query_start_loc,
+            self._lora_mapping(),
         )
+
+    def _lora_mapping(self) -> torch.Tensor:
+        step = None if self.lora_context is None else self.lora_context.step
+        return NO_WEIGHT if step is None else step.mapping
 
 
 def _matmul_weights(linear: "PackableMatmul") -> list[torch.Tensor]:
-    """(packed, plain, bias, quantized, scales), an empty tensor for each that the layer lacks."""
+    """(packed, plain, bias, quantized, scales, lora_a, lora_b), an empty tensor for each that the layer lacks."""
     packed = NO_WEIGHT if linear.packed_weight is None else linear.packed_weight
     quantized = [NO_WEIGHT, NO_WEIGHT] if linear.quantized is None else linear.quantized.tensors()
-    return [packed, linear.weight, NO_WEIGHT if linear.bias is None else linear.bias, *quantized]
+    lora = [NO_WEIGHT, NO_WEIGHT] if linear.lora is None else [linear.lora.a, linear.lora.b]
+    return [packed, linear.weight, NO_WEIGHT if linear.bias is None else linear.bias, *quantized, *lora]
 
 
 def _scale(scale: Optional[torch.Tensor]) -> torch.Tensor:
