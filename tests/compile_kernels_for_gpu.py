@@ -21,6 +21,7 @@ from triton.runtime.jit import JITFunction
 
 from engine.kernels.decode_attention import decode_attention
 from engine.kernels.kv_cache_write import write_kv_cache
+from engine.kernels.lora import apply_lora_triton
 from engine.kernels.prefill_attention import prefill_attention
 from engine.kernels.quantized_matmul import int4_matmul, int8_matmul
 from engine.kernels.rms_norm import rms_norm
@@ -95,6 +96,8 @@ def representative_calls(dtype: torch.dtype) -> list[Callable[[], object]]:
     hidden, weight = torch.zeros(70, 4096, dtype=dtype), torch.zeros(4096, dtype=dtype)
     int4 = (torch.zeros(1024, 2048, dtype=torch.uint8), torch.zeros(1024, 128, dtype=dtype))
     int8 = (torch.zeros(1024, 4096, dtype=torch.int8), torch.zeros(1024, dtype=dtype))
+    lora_a, lora_b = torch.zeros(4, 48, 576, dtype=dtype), torch.zeros(4, 48, 960, dtype=dtype)
+    token_slots = torch.zeros(70, dtype=torch.long)
     return [
         lambda: int4_matmul(hidden, int4[0], int4[1], int4[1]),
         lambda: int8_matmul(hidden[:1], *int8),
@@ -107,6 +110,7 @@ def representative_calls(dtype: torch.dtype) -> list[Callable[[], object]]:
         lambda: rms_norm(hidden, hidden, weight, 1e-5),
         lambda: rms_norm(hidden[:, :576], None, weight[:576], 1e-5),
         lambda: apply_rotary(qkv[:, :40], angles),
+        lambda: apply_lora_triton(torch.zeros(70, 960, dtype=dtype), hidden[:, :576], lora_a, lora_b, token_slots),
     ]
 
 

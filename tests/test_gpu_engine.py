@@ -74,3 +74,18 @@ def test_quantized_weights_run_the_triton_matmul_with_graphs(quantization: str, 
     dense = llm_factory(folder, quantized_dense_rows=1, **settings)
     quantized = llm_factory(folder, quantized_dense_rows=None, **settings)
     assert_same_generation(greedy_with_logprobs(quantized, PROMPTS, 12), greedy_with_logprobs(dense, PROMPTS, 12))
+
+
+def test_lora_adapters_on_cuda_match_peft_and_mix_with_graph_steps(tiny_adapters, llm_factory) -> None:
+    """LoRA steps run the Triton shrink/expand kernels eagerly; base-model decode steps still replay graphs."""
+    from lora_adapters import peft_greedy
+
+    llm = llm_factory(tiny_adapters.base, device="cuda", enable_lora=True, num_kv_blocks=256, max_num_seqs=8)
+    assert llm.engine.runner.decode_graphs is not None
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    loras = [*tiny_adapters.requests(), None]
+    prompt = [510, 3458, 282, 4649, 314, 253, 1345, 30]
+    mixed = llm.generate([prompt] * len(loras), params, lora_request=loras)
+    for lora, output in zip(loras, mixed):
+        expected = peft_greedy(tiny_adapters.base, None if lora is None else Path(lora.path), prompt, 16)
+        assert output.outputs[0].token_ids == expected, lora
