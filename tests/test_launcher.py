@@ -158,6 +158,8 @@ def test_ctrl_c_stops_torchserve_and_leaves_no_process(launched: Launched) -> No
     (["--tensor_parallel_size", "2"], r"9 attention heads are not divisible by 2.*values: \[1, 3\]"),
     (["--engine.tensor_parallel_size", "4"], r"tensor_parallel_size 4 cannot split this model"),
     (["--config", "{tmp}/level.yaml"], r"parallelLevel: TorchServe ignores it unless parallelType is set"),
+    (["--lora-modules", "sql={tmp}", "--engine.enable_lora", "false"],
+     r"handler.lora_modules needs handler.engine.enable_lora: true, got False"),
 ])
 def test_a_bad_setting_fails_fast_naming_it(tmp_path: Path, args: list[str], message: str) -> None:
     (tmp_path / "typo.yaml").write_text("handler:\n  engine:\n    kv_cache_gb: 1\n")
