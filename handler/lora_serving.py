@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -79,7 +80,7 @@ class LoRAAdapters:
         path = self._adapter_path(given_path)
         async with self._load_lock:
             self._check_new_name(name)
-            await self._add_to_engine(LoRARequest(name, path), given_path, "lora_path")
+            await self._add_to_engine(LoRARequest(name, path), "lora_path")
             entry = await self._register(name, path)
             self._loaded[name] = entry
         logger.info("LoRA adapter %r loaded at runtime and registered for every worker", name)
@@ -116,17 +117,17 @@ class LoRAAdapters:
         async with self._load_lock:
             if self._loaded.get(name) == entry:
                 return
-            await self._add_to_engine(LoRARequest(name, entry.path), None, "model")
+            await self._add_to_engine(LoRARequest(name, entry.path), "model")
             self._loaded[name] = entry
         logger.info("LoRA adapter %r loaded from the registry on its first request in this worker", name)
 
-    async def _add_to_engine(self, lora: LoRARequest, given_path: Optional[str], param: str) -> None:
-        """The engine reads and checks the adapter (off the event loop); its ValueError becomes a 400."""
+    async def _add_to_engine(self, lora: LoRARequest, param: str) -> None:
+        """The engine reads and checks the adapter (off the event loop); its ValueError becomes a 400, where a
+        folder inside the model folder is named relative to it, as a client names it."""
         try:
             await asyncio.to_thread(self.engine.add_lora, lora)
         except ValueError as exc:
-            message = str(exc).replace(lora.path, given_path) if given_path else str(exc)
-            raise APIError(message, param=param) from None
+            raise APIError(str(exc).replace(f"{self.model_dir}{os.sep}", ""), param=param) from None
 
     async def _register(self, name: str, path: str) -> RegisteredAdapter:
         """Record the adapter for every worker; a name another worker registered meanwhile is refused."""

@@ -203,4 +203,5 @@ def test_the_dashboard_uses_only_declared_metrics() -> None:
     used = {name for expr in exprs for name in re.findall(r"([A-Za-z_]\w*)\s*\{", expr)}
     assert exprs and used <= series, used - series
     assert used >= {"num_requests_running", "kv_cache_usage_perc", "time_to_first_token_seconds_bucket",
-                    "rag_retrieval_seconds_bucket", "guard_verdicts_total", "guard_latency_seconds_bucket"}
+                    "rag_retrieval_seconds_bucket", "guard_verdicts_total", "guard_latency_seconds_bucket",
+                    "lora_requests_running", "lora_requests_waiting"}
