@@ -9,7 +9,7 @@ import torch
 
 from engine.attention import torch_backend
 from engine.layers.activation import silu_and_mul
-from engine.layers.lora import LoRAKernel, LoRAStep, apply_lora
+from engine.layers.lora import LoRAKernel, LoRAStep, LoRAWeights, apply_lora
 from engine.layers.norm import rms_norm
 from engine.layers.rotary import Angles, apply_rotary
 
@@ -77,7 +77,7 @@ def _native_backend() -> KernelBackend:
 
     return KernelBackend(
         "native", native_backend.paged_attention, ops.rms_norm, ops.apply_rotary,
-        ops.silu_and_mul, ops.single_row_matmul, ops.int8_single_row_matmul,
+        ops.silu_and_mul, ops.single_row_matmul, ops.int8_single_row_matmul, ops.apply_lora,
     )
 
 
@@ -98,7 +98,7 @@ def _triton_backend() -> KernelBackend:
     )
 
 
-def _triton_apply_lora(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, step: LoRAStep) -> None:
+def _triton_apply_lora(out: torch.Tensor, x: torch.Tensor, weights: LoRAWeights, step: LoRAStep) -> None:
     from engine.kernels.lora import apply_lora_triton
 
-    apply_lora_triton(out, x, a, b, step.token_slots)
+    apply_lora_triton(out, x, weights.a, weights.b, step.token_slots)

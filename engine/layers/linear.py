@@ -85,6 +85,11 @@ class ColumnParallelLinear(PackableMatmul):
             return
         getattr(self, kind)[offset : offset + rows.size].copy_(tensor[rows.start : rows.stop])
 
+    @property
+    def output_parts(self) -> list[int]:
+        """This rank's output columns of each stacked checkpoint projection."""
+        return [part.size for part in self.parts]
+
     def lora_layout(self, part: int) -> LoRALayout:
         rows = self.parts[part]
         offset = sum(earlier.size for earlier in self.parts[:part])
@@ -115,6 +120,10 @@ class RowParallelLinear(PackableMatmul):
             self.stage(tensor[:, self.columns.start : self.columns.stop], 0)
             return
         self.weight.copy_(tensor[:, self.columns.start : self.columns.stop])
+
+    @property
+    def output_parts(self) -> list[int]:
+        return [self.out_features]
 
     def lora_layout(self, part: int) -> LoRALayout:
         return LoRALayout(slice(self.columns.start, self.columns.stop), slice(None), 0)

@@ -18,9 +18,9 @@ class LoRASlots:
         self.max_rank = max_rank
         self.context = LoRAContext(kernel)
         dtype, device = model.model.norm.weight.dtype, model.lm_head.weight.device
-        for linear, parts in model.lora_linears():
+        for linear in model.lora_linears():
             linear.lora = LoRAWeights(
-                self.context, max_loras, parts * max_rank, linear.in_features, linear.out_features, dtype, device
+                self.context, max_loras, linear.output_parts, max_rank, linear.in_features, dtype, device
             )
         self.held: list[Optional[int]] = [None] * max_loras  # adapter_id in each slot
         self._last_used = [0] * max_loras
@@ -49,7 +49,7 @@ class LoRASlots:
     @torch.inference_mode()
     def load(self, slot: int, adapter: LoRAAdapter) -> None:
         """Write this rank's shard of `adapter` into `slot`, B scaled; projections it lacks stay zero."""
-        for linear, _ in self.model.lora_linears():
+        for linear in self.model.lora_linears():
             linear.lora.a[slot].zero_()
             linear.lora.b[slot].zero_()
         for (layer, projection), weights in adapter.projections.items():
@@ -65,7 +65,7 @@ class LoRASlots:
     def running(self, token_slots: Optional[torch.Tensor]) -> Iterator[None]:
         """The model's LoRA layers apply `token_slots` (None: no adapter) within the block."""
         dtype = self.model.model.norm.weight.dtype
-        self.context.step = None if token_slots is None else LoRAStep.from_token_slots(token_slots, dtype)
+        self.context.step = None if token_slots is None else LoRAStep(token_slots, dtype)
         try:
             yield
         finally:

@@ -184,13 +184,10 @@ class LlamaForCausalLM(nn.Module):
         module_name, part = LORA_TARGETS[projection]
         return self.model.layers[layer].get_submodule(module_name), part
 
-    def lora_linears(self) -> list[tuple[PackableMatmul, int]]:
-        """Every linear layer that LoRA adapts, with the number of checkpoint projections it stacks."""
+    def lora_linears(self) -> list[PackableMatmul]:
+        """Every linear layer that LoRA adapts."""
         names = sorted({module_name for module_name, _ in LORA_TARGETS.values()})
-        return [
-            (layer.get_submodule(name), 1 + max(p for n, p in LORA_TARGETS.values() if n == name))
-            for layer in self.model.layers for name in names
-        ]
+        return [layer.get_submodule(name) for layer in self.model.layers for name in names]
 
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn.attn for layer in self.model.layers]

@@ -45,19 +45,22 @@ class NativeDecoderStack:
             hidden, cos, sin, [layer.k_cache for layer in layers], [layer.v_cache for layer in layers],
             [_scale(layer.k_scale) for layer in layers], [_scale(layer.v_scale) for layer in layers],
             metadata.slot_mapping, metadata.block_tables, metadata.context_lens, metadata.query_start_loc,
-            self._lora_mapping(),
+            self._lora_token_slots(),
         )
 
-    def _lora_mapping(self) -> torch.Tensor:
+    def _lora_token_slots(self) -> torch.Tensor:
         step = None if self.lora_context is None else self.lora_context.step
-        return NO_WEIGHT if step is None else step.mapping
+        return NO_WEIGHT if step is None else step.token_slots
 
 
 def _matmul_weights(linear: "PackableMatmul") -> list[torch.Tensor]:
-    """(packed, plain, bias, quantized, scales, lora_a, lora_b), an empty tensor for each that the layer lacks."""
+    """(packed, plain, bias, quantized, scales, lora_a, lora_b, lora_part_ends), an empty tensor for each that the
+    layer lacks."""
     packed = NO_WEIGHT if linear.packed_weight is None else linear.packed_weight
     quantized = [NO_WEIGHT, NO_WEIGHT] if linear.quantized is None else linear.quantized.tensors()
-    lora = [NO_WEIGHT, NO_WEIGHT] if linear.lora is None else [linear.lora.a, linear.lora.b]
+    lora = [NO_WEIGHT] * 3
+    if linear.lora is not None:
+        lora = [linear.lora.a, linear.lora.b, torch.tensor(linear.lora.part_ends, dtype=torch.long)]
     return [packed, linear.weight, NO_WEIGHT if linear.bias is None else linear.bias, *quantized, *lora]
 
 

@@ -6,6 +6,7 @@ from typing import Optional
 
 import torch
 
+from engine.layers.lora import LoRAStep, LoRAWeights
 from engine.layers.rotary import Angles
 
 
@@ -38,3 +39,8 @@ def int8_single_row_matmul(
 ) -> torch.Tensor:
     """x [1, K] @ (codes [N, K] * scales [N, 1])^T + bias, streaming the int8 codes (engine.layers.quantized)."""
     return torch.ops.pagedserve.int8_gemv(x.contiguous(), codes, scales, bias)
+
+
+def apply_lora(out: torch.Tensor, x: torch.Tensor, weights: LoRAWeights, step: LoRAStep) -> None:
+    """out += each token's LoRA product, in place, as engine.layers.lora.apply_lora (out is a fresh matmul output)."""
+    torch.ops.pagedserve.lora_(out, x.contiguous(), weights.a, weights.b, step.token_slots, weights.part_ends)

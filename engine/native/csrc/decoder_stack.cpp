@@ -34,13 +34,14 @@ at::Tensor quantized_linear(const at::Tensor& x, const Matmul& matmul) {
   return matmul.bias.numel() ? out.add_(matmul.bias) : out;
 }
 
-// out += each token's LoRA product (engine/layers/lora.py apply_lora): shrink through every slot in use, keep the
-// token's own slot, expand.
-void add_lora_(at::Tensor& out, const at::Tensor& x, const Matmul& matmul, const at::Tensor& lora_mapping) {
-  const int64_t slots = lora_mapping.size(1);
-  at::Tensor shrunk = at::linear(x, matmul.lora_a.narrow(0, 0, slots).flatten(0, 1)).view({x.size(0), slots, -1});
-  shrunk.mul_(lora_mapping.unsqueeze(2));
-  out.addmm_(shrunk.flatten(1), matmul.lora_b.narrow(0, 0, slots).flatten(0, 1));
+std::vector<int64_t> int64s(const at::Tensor& values) {
+  if (!values.numel()) return {};
+  const at::Tensor longs = values.to(at::kLong).contiguous();
+  return {longs.data_ptr<int64_t>(), longs.data_ptr<int64_t>() + longs.numel()};
+}
+
+Matmul matmul_at(std::vector<at::Tensor>::const_iterator w) {
+  return {w[0], w[1], w[2], w[3], w[4], w[5], w[6], int64s(w[7])};
 }
 
 std::optional<at::Tensor> scale_or_none(const at::Tensor& scale) {
@@ -54,17 +55,14 @@ DecoderStack::DecoderStack(std::vector<at::Tensor> weights, at::Tensor final_nor
     : final_norm_(std::move(final_norm)), num_heads_(num_heads), num_kv_heads_(num_kv_heads), head_dim_(head_dim),
       eps_(eps), scale_(1.0 / std::sqrt(static_cast<double>(head_dim))), dense_rows_(dense_rows) {
   TORCH_CHECK(weights.size() % kWeightsPerLayer == 0, "expected ", kWeightsPerLayer, " weights per layer");
-  const auto matmul_at = [](std::vector<at::Tensor>::iterator w) {
-    return Matmul{w[0], w[1], w[2], w[3], w[4], w[5], w[6]};
-  };
-  for (auto w = weights.begin(); w != weights.end(); w += kWeightsPerLayer) {
+  for (auto w = weights.cbegin(); w != weights.cend(); w += kWeightsPerLayer) {
     auto m = w + 2;
     layers_.push_back({w[0], w[1], matmul_at(m), matmul_at(m + kWeightsPerMatmul),
                        matmul_at(m + 2 * kWeightsPerMatmul), matmul_at(m + 3 * kWeightsPerMatmul)});
   }
 }
 
-at::Tensor DecoderStack::linear(const at::Tensor& x, const Matmul& matmul, const at::Tensor& lora_mapping) const {
+at::Tensor DecoderStack::linear(const at::Tensor& x, const Matmul& matmul, const at::Tensor& lora_slots) const {
   at::Tensor out;
   const std::optional<at::Tensor> bias = bias_or_none(matmul.bias);
   if (matmul.quantized.numel() && (dense_rows_ == 0 || x.size(0) < dense_rows_)) {
@@ -74,17 +72,18 @@ at::Tensor DecoderStack::linear(const at::Tensor& x, const Matmul& matmul, const
   } else {
     out = matmul.packed.numel() ? packed_linear(x, matmul.packed, bias) : at::linear(x, matmul.plain, bias);
   }
-  if (lora_mapping.numel() && matmul.lora_a.numel()) add_lora_(out, x, matmul, lora_mapping);
+  if (lora_slots.numel() && matmul.lora_a.numel()) lora_(out, x, matmul.lora_a, matmul.lora_b, lora_slots,
+                                                         matmul.lora_part_ends);
   return out;
 }
 
 at::Tensor DecoderStack::attention(const at::Tensor& normed, const LayerWeights& layer, const at::Tensor& cos,
                                    const at::Tensor& sin, const KVCache& cache, const at::Tensor& slot_mapping,
                                    const at::Tensor& block_tables, const at::Tensor& context_lens,
-                                   const at::Tensor& query_start_loc, const at::Tensor& lora_mapping) const {
+                                   const at::Tensor& query_start_loc, const at::Tensor& lora_slots) const {
   const int64_t tokens = normed.size(0);
   const int64_t q_size = num_heads_ * head_dim_, kv_size = num_kv_heads_ * head_dim_;
-  at::Tensor qkv = linear(normed, layer.qkv, lora_mapping);
+  at::Tensor qkv = linear(normed, layer.qkv, lora_slots);
   at::Tensor query_key = qkv.narrow(1, 0, q_size + kv_size).view({tokens, num_heads_ + num_kv_heads_, head_dim_});
   rotary_(query_key, cos, sin);
   at::Tensor q = qkv.narrow(1, 0, q_size).view({tokens, num_heads_, head_dim_});
@@ -95,14 +94,14 @@ at::Tensor DecoderStack::attention(const at::Tensor& normed, const LayerWeights&
   at::Tensor out = at::empty({tokens, num_heads_, head_dim_}, qkv.options());
   paged_attention(q, k_cache, v_cache, block_tables, context_lens, query_start_loc, scale_, out, cache.k_scale,
                   cache.v_scale);
-  return linear(out.view({tokens, q_size}), layer.o, lora_mapping);
+  return linear(out.view({tokens, q_size}), layer.o, lora_slots);
 }
 
 at::Tensor DecoderStack::forward(at::Tensor hidden, at::Tensor cos, at::Tensor sin, std::vector<at::Tensor> k_caches,
                                  std::vector<at::Tensor> v_caches, std::vector<at::Tensor> k_scales,
                                  std::vector<at::Tensor> v_scales, at::Tensor slot_mapping, at::Tensor block_tables,
                                  at::Tensor context_lens, at::Tensor query_start_loc,
-                                 at::Tensor lora_mapping) const {
+                                 at::Tensor lora_slots) const {
   TORCH_CHECK(k_caches.size() == layers_.size() && v_caches.size() == layers_.size(), "one KV cache per layer");
   TORCH_CHECK(k_scales.size() == layers_.size() && v_scales.size() == layers_.size(), "one k and v scale per layer");
   at::Tensor residual, normed;
@@ -111,9 +110,9 @@ at::Tensor DecoderStack::forward(at::Tensor hidden, at::Tensor cos, at::Tensor s
     std::tie(normed, residual) = rms_norm(hidden, residual, layer.input_norm, eps_);
     const KVCache cache{k_caches[i], v_caches[i], scale_or_none(k_scales[i]), scale_or_none(v_scales[i])};
     hidden = attention(normed, layer, cos, sin, cache, slot_mapping, block_tables, context_lens, query_start_loc,
-                       lora_mapping);
+                       lora_slots);
     std::tie(normed, residual) = rms_norm(hidden, residual, layer.post_norm, eps_);
-    hidden = linear(silu_and_mul(linear(normed, layer.gate_up, lora_mapping)), layer.down, lora_mapping);
+    hidden = linear(silu_and_mul(linear(normed, layer.gate_up, lora_slots)), layer.down, lora_slots);
   }
   return std::get<0>(rms_norm(hidden, residual, final_norm_, eps_));
 }

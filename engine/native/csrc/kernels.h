@@ -38,4 +38,10 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::option
 at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
                      const std::optional<at::Tensor>& bias);
 
+// out [T, N] += x [T, K] A_s^T B_s for each token with slot s = token_slots[t] >= 0, in place: LoRA slots a
+// [slots, R, K] and b [slots, R, N] in x's dtype, R rows split evenly between the parts whose output columns end
+// at part_ends (engine/layers/lora.py).
+void lora_(at::Tensor& out, const at::Tensor& x, const at::Tensor& a, const at::Tensor& b,
+           const at::Tensor& token_slots, at::IntArrayRef part_ends);
+
 }  // namespace pagedserve

@@ -16,6 +16,7 @@ TORCH_LIBRARY(pagedserve, m) {
   m.def("silu_and_mul(Tensor gate_up) -> Tensor");
   m.def("gemv(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("int8_gemv(Tensor x, Tensor codes, Tensor scales, Tensor? bias) -> Tensor");
+  m.def("lora_(Tensor(a!) out, Tensor x, Tensor a, Tensor b, Tensor token_slots, int[] part_ends) -> ()");
   m.class_<pagedserve::DecoderStack>("DecoderStack")
       .def(torch::init<std::vector<at::Tensor>, at::Tensor, int64_t, int64_t, int64_t, double, int64_t>())
       .def("forward", &pagedserve::DecoderStack::forward);
@@ -29,4 +30,5 @@ TORCH_LIBRARY_IMPL(pagedserve, CPU, m) {
   m.impl("silu_and_mul", &pagedserve::silu_and_mul);
   m.impl("gemv", &pagedserve::gemv);
   m.impl("int8_gemv", &pagedserve::int8_gemv);
+  m.impl("lora_", &pagedserve::lora_);
 }
