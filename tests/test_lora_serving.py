@@ -27,7 +27,7 @@ from handler.model_store import build_archive, model_yaml
 from handler.server import ServedModel
 from lora_adapters import make_peft_adapter
 from test_metrics_scrape import Scrape, wait_for_scrape
-from ts_http import management_call
+from ts_http import http, management_call
 from ts_server import small_model_config
 
 NAME, VERSION = "tiny-lora", "1.0"
@@ -251,6 +251,16 @@ def test_a_refused_load_or_unload_names_the_problem_and_the_workers_keep_serving
     assert [complete(lora_model, model).status for model in (NAME, YAML_ADAPTER)] == [200, 200]
     assert workers(lora_model) == pids
     assert [m.id for m in client(lora_model).models.list().data] == [NAME, YAML_ADAPTER]
+
+
+def test_without_enable_lora_the_runtime_routes_are_refused(torchserve: ServedModel) -> None:
+    """The session's SmolLM2 serves no adapters: loading one is a 400, any other model name still a 404."""
+    status, body = http(f"{torchserve.openai_base_url}/{LOAD}", body={"lora_name": "sql", "lora_path": "/sql"})
+    assert (status, body["error"]["code"]) == (400, "lora_not_enabled")
+    assert "handler.engine.enable_lora: true" in body["error"]["message"]
+    status, body = http(f"{torchserve.openai_base_url}/completions", body={"model": "sql", "prompt": "Hi"})
+    assert (status, body["error"]["message"]) == (
+        404, f"The model `sql` does not exist; this endpoint serves `{torchserve.model_name}`")
 
 
 def adapter_series(scraped: Scrape, served: ServedModel, adapter: str) -> dict[str, float]:
