@@ -21,24 +21,29 @@ struct LoRAShape {
   std::vector<int64_t> part_starts, part_ends;  // each part's output columns
 };
 
+// out += z[rows] B[rows, start:end] for one part's rows, a vector of columns at a time through all its rows.
+template <typename scalar_t>
+void expand_part(scalar_t* out, const float* shrunk, const scalar_t* b, int64_t n, int64_t first_row, int64_t rank,
+                 int64_t start, int64_t end) {
+  for (int64_t i = start; i < end; i += kVecSize) {
+    const int64_t width = std::min(kVecSize, end - i);
+    Vec sum = load_float(out + i, width);
+    for (int64_t r = first_row; r < first_row + rank; ++r) {
+      sum = at::vec::fmadd(Vec(shrunk[r]), load_float(b + r * n + i, width), sum);
+    }
+    store_float(out + i, sum, width);
+  }
+}
+
 template <typename scalar_t>
 void lora_token(scalar_t* out, const scalar_t* x, const scalar_t* a, const scalar_t* b, const LoRAShape& shape) {
-  std::vector<float> x_float(shape.k), shrunk(shape.rows), row(shape.n);
+  std::vector<float> x_float(shape.k), shrunk(shape.rows);
   for (int64_t i = 0; i < shape.k; ++i) x_float[i] = static_cast<float>(x[i]);
   for (int64_t r = 0; r < shape.rows; ++r) shrunk[r] = dot(a + r * shape.k, x_float.data(), shape.k);
-  for (int64_t i = 0; i < shape.n; ++i) row[i] = static_cast<float>(out[i]);
   for (size_t p = 0; p < shape.part_starts.size(); ++p) {
-    const int64_t start = shape.part_starts[p], end = shape.part_ends[p];
-    for (int64_t r = p * shape.rank; r < (static_cast<int64_t>(p) + 1) * shape.rank; ++r) {
-      const Vec z(shrunk[r]);
-      const scalar_t* b_row = b + r * shape.n;
-      for (int64_t i = start; i < end; i += kVecSize) {
-        const int64_t width = std::min(kVecSize, end - i);
-        at::vec::fmadd(z, load_float(b_row + i, width), load_float(row.data() + i, width)).store(row.data() + i, width);
-      }
-    }
+    expand_part(out, shrunk.data(), b, shape.n, static_cast<int64_t>(p) * shape.rank, shape.rank,
+                shape.part_starts[p], shape.part_ends[p]);
   }
-  for (int64_t i = 0; i < shape.n; ++i) out[i] = static_cast<scalar_t>(row[i]);
 }
 
 void lora_run(at::Tensor& out, const at::Tensor& x, const at::Tensor& a, const at::Tensor& b, int64_t slot,
