@@ -17,6 +17,8 @@ from typing import Any, Optional
 
 import torch
 
+from generation_checks import transformers_greedy
+
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -88,21 +90,6 @@ def make_peft_adapter(
     return out_dir
 
 
-def _generate(model: Any, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
-    input_ids = torch.tensor([prompt_ids])
-    with torch.no_grad():
-        output = model.generate(
-            input_ids=input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            max_new_tokens=max_new_tokens,
-            min_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=None,
-            pad_token_id=0,
-        )
-    return output[0, len(prompt_ids) :].tolist()
-
-
 def peft_greedy(base: Path, adapter: Optional[Path], prompt_ids: list[int], max_new_tokens: int) -> list[int]:
     """The `max_new_tokens` token ids that transformers generates greedily in float32 after `prompt_ids`,
     through the LoRA adapter folder `adapter` when given, EOS ignored (like the engine's ignore_eos)."""
@@ -111,4 +98,4 @@ def peft_greedy(base: Path, adapter: Optional[Path], prompt_ids: list[int], max_
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(copy.deepcopy(model), str(adapter)).eval()
-    return _generate(model, prompt_ids, max_new_tokens)
+    return transformers_greedy(model, prompt_ids, max_new_tokens)

@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from engine import SamplingParams
-from generation_checks import assert_same_generation, greedy_with_logprobs
-from test_greedy_matches_transformers import PROMPTS, engine_greedy, transformers_greedy
+from generation_checks import PROMPTS, assert_same_generation, engine_greedy, greedy_with_logprobs, transformers_greedy
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -6,34 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import SamplingParams
-
-PROMPTS = [
-    "The capital of France is",
-    "def fibonacci(n):",
-    "Once upon a time, in a land far away,",
-    "List three colours:",
-    "1, 2, 3, 4,",
-]
-
-
-def transformers_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
-    input_ids = torch.tensor([prompt_ids])
-    output = model.generate(
-        input_ids,
-        attention_mask=torch.ones_like(input_ids),
-        max_new_tokens=max_new_tokens,
-        min_new_tokens=max_new_tokens,
-        do_sample=False,
-        eos_token_id=None,
-        pad_token_id=0,
-    )
-    return output[0, len(prompt_ids) :].tolist()
-
-
-def engine_greedy(llm, prompts_ids: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-    params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, ignore_eos=True)
-    return [out.outputs[0].token_ids for out in llm.generate(prompts_ids, params)]
+from generation_checks import PROMPTS, engine_greedy, transformers_greedy
 
 
 @pytest.mark.parametrize("kind", ["llama", "llama3", "mistral", "qwen2", "llama_odd_vocab"])

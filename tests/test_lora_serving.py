@@ -26,7 +26,7 @@ from engine.lora import LoRARequest
 from handler.model_store import build_archive, model_yaml
 from handler.server import ServedModel
 from lora_adapters import make_peft_adapter
-from test_metrics_scrape import Scrape, wait_for_scrape
+from metrics_scrape import Scrape, wait_for_scrape
 from ts_http import http, management_call
 from ts_server import small_model_config
 

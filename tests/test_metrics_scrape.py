@@ -6,64 +6,25 @@ KV cache of 8 blocks, so that it must preempt.
 from __future__ import annotations
 
 import time
-import urllib.request
 import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-from prometheus_client.samples import Sample
 from ts.metrics.metric_type_enum import MetricTypes
 
 from handler.metrics import LLM_METRICS
 from handler.model_store import build_archive
 from handler.server import ServedModel
+from metrics_scrape import Scrape, scrape, wait_for_scrape
 from ts_http import http, management_call, wait_all_blocks_free
 from ts_server import small_model_config
 
 TINY_KV = {"num_kv_blocks": 8, "max_model_len": 128}
 HISTOGRAMS = [name for name, (kind, _) in LLM_METRICS.items() if kind == MetricTypes.HISTOGRAM]
 LONG_TEXT = "The quick brown fox jumps over the lazy dog while the cat watches from the warm windowsill. "
-
-
-@dataclass
-class Scrape:
-    """One scrape of /metrics; `value` sums the samples of one model version that match the labels."""
-
-    samples: list[Sample]
-
-    def value(self, name: str, served: ServedModel, **labels: str) -> float:
-        wanted = {"model_name": served.model_name, "model_version": served.model_version, **labels}
-        return sum(
-            s.value for s in self.samples if s.name == name and all(s.labels.get(k) == v for k, v in wanted.items())
-        )
-
-    def since(self, before: "Scrape", name: str, served: ServedModel, **labels: str) -> float:
-        return self.value(name, served, **labels) - before.value(name, served, **labels)
-
-    def has_series(self, name: str, served: ServedModel) -> bool:
-        return any(s.name == name and s.labels.get("model_version") == served.model_version for s in self.samples)
-
-
-def scrape(served: ServedModel) -> Scrape:
-    with urllib.request.urlopen(f"{served.metrics_url}/metrics", timeout=30) as response:
-        text = response.read().decode()
-    return Scrape([sample for family in text_string_to_metric_families(text) for sample in family.samples])
-
-
-def wait_for_scrape(served: ServedModel, condition: Callable[[Scrape], bool], timeout: float = 30.0) -> Scrape:
-    """Scrape until `condition` holds; the engine publishes its stats at a bounded rate, not at once."""
-    deadline = time.monotonic() + timeout
-    while True:
-        current = scrape(served)
-        if condition(current):
-            return current
-        assert time.monotonic() < deadline, "the metrics did not reach the expected state in time"
-        time.sleep(0.2)
 
 
 def wait_for_finished(served: ServedModel, before: Scrape, count: int) -> Scrape:

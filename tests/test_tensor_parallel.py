@@ -18,7 +18,7 @@ from engine import LLM, AsyncLLMEngine, EngineConfig, EngineDeadError, SamplingP
 from engine.layers.sharding import kv_heads, vocab_rows
 from conftest import PROMPT, track_engine
 from generation_checks import assert_same_generation, greedy_with_logprobs
-from test_greedy_matches_transformers import PROMPTS
+from generation_checks import PROMPTS
 
 TINY = {"num_kv_blocks": 128, "dtype": "float32"}
 
