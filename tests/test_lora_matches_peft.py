@@ -15,12 +15,19 @@ MAX_TOKENS = 16
 GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
 
 
-@pytest.mark.parametrize("enforce_eager", [False, True], ids=["native_stack", "layer_by_layer"])
+PATHS = {  # the native kernel in the one-call decoder stack, then layer by layer; the PyTorch reference
+    "native_stack": dict(),
+    "native_layers": dict(enforce_eager=True),
+    "torch_reference": dict(enforce_eager=True, attention_backend="torch"),
+}
+
+
+@pytest.mark.parametrize("path", PATHS, ids=list(PATHS))
 def test_each_tiny_adapter_matches_peft(
-    tiny_adapters: TinyAdapters, llm_factory: Callable[..., LLM], enforce_eager: bool
+    tiny_adapters: TinyAdapters, llm_factory: Callable[..., LLM], path: str
 ) -> None:
-    llm = llm_factory(tiny_adapters.base, enable_lora=True, enforce_eager=enforce_eager, num_kv_blocks=64)
-    assert (llm.engine.runner.model.model.native_stack is not None) != enforce_eager
+    llm = llm_factory(tiny_adapters.base, enable_lora=True, num_kv_blocks=64, **PATHS[path])
+    assert (llm.engine.runner.model.model.native_stack is not None) == (path == "native_stack")
     for lora in tiny_adapters.requests():
         ours = llm.generate([PROMPT], GREEDY, lora_request=lora)[0].outputs[0].token_ids
         assert ours == peft_greedy(tiny_adapters.base, Path(lora.path), PROMPT, MAX_TOKENS), lora.name
