@@ -108,7 +108,7 @@ def test_the_shipped_model_configs_read_and_the_tp4_example_spans_four_ranks() -
         for path in CONFIG_DIR.glob("*.yaml") if path.name != "metrics.yaml"
     }
     assert sizes == {"smollm2-135m-cpu.yaml": 1, "llama-3.1-8b-gpu.yaml": 1, "llama-3.1-70b-gpu-tp4.yaml": 4,
-                     "smollm2-rag.yaml": 1, "smollm2-rag-guard.yaml": 1}
+                     "smollm2-rag.yaml": 1, "smollm2-rag-guard.yaml": 1, "smollm2-lora.yaml": 1}
 
 
 def test_an_archive_built_for_three_ranks_asks_torchserve_for_them(tmp_path: Path) -> None:
