@@ -10,6 +10,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import threading
+from typing import Optional
 
 import torch
 
@@ -17,12 +18,13 @@ from engine.config import EngineConfig
 from engine.distributed import TPGroup, connect_store, join_group, rank_device
 from engine.dtypes import resolve_dtype
 from engine.host_memory import limit_onednn_primitive_cache
-from engine.kernel_backend import select_backend
+from engine.kernel_backend import KernelBackend, select_backend
 from engine.layers.quantization import QuantizationPlan
 from engine.loader import ModelSource, load_model
 from engine.lora.slots import LoRASlots
 from engine.model_runner import ModelRunner
 from engine.models.config import ModelConfig
+from engine.models.llama import LlamaForCausalLM
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +46,7 @@ class Worker:
         )
         model.use_kernels(backend)
         logger.info("rank %d: %s kernels (attention_backend %s)", tp.rank, backend.name, config.attention_backend)
-        lora = LoRASlots(model, config.max_loras, config.max_lora_rank, backend.apply_lora) if config.enable_lora else None
+        lora = _lora_slots(config, model, backend, tp.rank)
         if backend.name == "native" and tp.size == 1 and not config.enforce_eager:
             model.use_native_stack()
             logger.info("rank %d: decoder layers run as one native call per step", tp.rank)
@@ -56,6 +58,18 @@ class Worker:
                 self.runner.capture_decode_graphs()
             else:
                 logger.info("rank %d: no CUDA graphs: they need the Triton attention backend", tp.rank)
+
+
+def _lora_slots(
+    config: EngineConfig, model: LlamaForCausalLM, backend: KernelBackend, rank: int
+) -> Optional[LoRASlots]:
+    """The model's LoRA slots (before the native stack takes the layers' tensors); None without LoRA."""
+    if not config.enable_lora:
+        return None
+    slots = LoRASlots(model, config.max_loras, config.max_lora_rank, backend.apply_lora)
+    logger.info("rank %d: %d LoRA slots of rank %d take %.1f MiB", rank, config.max_loras, config.max_lora_rank,
+                slots.nbytes() / 2**20)
+    return slots
 
 
 def quantization_plan(config: EngineConfig) -> QuantizationPlan:

@@ -154,7 +154,9 @@ def _parse_key(key: str, name: str, model: ModelConfig) -> tuple[int, str, str]:
     if projection not in TARGET_MODULES or block != expected_block:
         raise ValueError(f"LoRA adapter {name!r}: tensor {key!r} targets {block}.{projection}, which this model lacks")
     if layer >= model.num_layers:
-        raise ValueError(f"LoRA adapter {name!r}: tensor {key!r} is for layer {layer}; the model has {model.num_layers}")
+        raise ValueError(
+            f"LoRA adapter {name!r}: tensor {key!r} is for layer {layer}; the model has {model.num_layers}"
+        )
     return layer, projection, half
 
 
@@ -163,7 +165,8 @@ def _projection(
 ) -> ProjectionLoRA:
     layer, projection = where
     if set(pair) != {"A", "B"}:
-        raise ValueError(f"LoRA adapter {name!r}: layer {layer} {projection} lacks its lora_{'B' if 'A' in pair else 'A'}")
+        missing = "B" if "A" in pair else "A"
+        raise ValueError(f"LoRA adapter {name!r}: layer {layer} {projection} lacks its lora_{missing}")
     in_features, out_features = projection_shape(projection, model)
     rank = shape.rank
     for half, expected in (("A", (rank, in_features)), ("B", (out_features, rank))):

@@ -43,6 +43,10 @@ class LoRASlots:
             self._last_used[slot] = self._clock
         return [-1 if a is None else slot_of[a.adapter_id] for a in adapters], loads
 
+    def nbytes(self) -> int:
+        weights = [linear.lora for linear in self.model.lora_linears()]
+        return sum(w.a.numel() * w.a.element_size() + w.b.numel() * w.b.element_size() for w in weights)
+
     def _eviction_order(self, slot: int) -> tuple[bool, int, int]:
         return self.held[slot] is not None, self._last_used[slot], slot
 

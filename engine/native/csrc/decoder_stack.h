@@ -37,10 +37,10 @@ class DecoderStack : public torch::CustomClassHolder {
   static constexpr int64_t kWeightsPerLayer = 2 + 4 * kWeightsPerMatmul;
 
   // `weights`: per layer input_norm, post_norm, then (packed, plain, bias, quantized, scales, lora_a, lora_b,
-  // lora_part_ends as int64) of qkv, o, gate_up and down; an empty tensor for whatever a matmul lacks. A quantized matmul runs its weight-only kernel for
-  // steps of fewer than `dense_rows` rows (every step when `dense_rows` is 0), else its dense weights. One-row
-  // steps stream the plain weight when there is one (gemv); others use the packed weight (PackableMatmul.pack)
-  // where there is one.
+  // lora_part_ends as int64) of qkv, o, gate_up and down; an empty tensor for whatever a matmul lacks. A
+  // quantized matmul runs its weight-only kernel for steps of fewer than `dense_rows` rows (every step when
+  // `dense_rows` is 0), else its dense weights. One-row steps stream the plain weight when there is one (gemv);
+  // others use the packed weight (PackableMatmul.pack) where there is one. LoRA slots add each token's product.
   DecoderStack(std::vector<at::Tensor> weights, at::Tensor final_norm, int64_t num_heads, int64_t num_kv_heads,
                int64_t head_dim, double eps, int64_t dense_rows);
 
