@@ -18,6 +18,8 @@ Fairness, so that a long or wide request cannot starve later small ones:
   headroom, and filling them would force the next preemption at once. So no sequence is readmitted
   in the step that preempted it.
 - With LoRA, a waiting sequence whose adapter is not among the running ones waits while `max_loras` adapters run.
+  Sequences of the base model behind it may go ahead (they need no slot); sequences with an adapter may not, so
+  the running adapters drain and the waiting one gets its slot.
 - With prefix caching, a sibling (n > 1) waits while another sequence of its request prefills their
   prompt, then joins with the prompt's blocks as cache hits (blocks are hittable only once computed).
 """
@@ -109,9 +111,16 @@ class Scheduler:
         return next(seq for seq in reversed(self.running) if seq.request is request)
 
     def _schedule_waiting(self, budget: int) -> list[ScheduledSeq]:
+        """Admit from the queue's head in order; past a sequence waiting for a LoRA slot, only the base model's."""
         scheduled: list[ScheduledSeq] = []
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            item = self._admit(self.waiting[0], budget)
+        lora_blocked = False
+        for seq in list(self.waiting):
+            if budget <= 0 or len(self.running) >= self.max_num_seqs:
+                break
+            if (lora_blocked and seq.request.lora is not None) or self._waits_for_lora_slot(seq):
+                lora_blocked = True
+                continue
+            item = self._admit(seq, budget)
             if item is None:
                 break
             scheduled.append(item)
@@ -119,14 +128,14 @@ class Scheduler:
         return scheduled
 
     def _admit(self, seq: Sequence, budget: int) -> Optional[ScheduledSeq]:
-        """Move `seq`, the queue's head, to running with blocks for up to `budget` tokens; None if it must wait."""
-        if self._waits_for_sibling_prefill(seq) or self._waits_for_lora_slot(seq):
+        """Move waiting `seq` to running with blocks for up to `budget` tokens; None if it must wait."""
+        if self._waits_for_sibling_prefill(seq):
             return None
         cached_prefix = self.block_manager.find_cached_prefix(seq)
         num_new = min(seq.num_tokens - len(cached_prefix) * self.block_manager.block_size, budget)
         if not self.block_manager.allocate(seq, num_new, cached_prefix):
             return None
-        self.waiting.popleft()
+        self.waiting.remove(seq)
         seq.status = SequenceStatus.RUNNING
         self.running.append(seq)
         return ScheduledSeq(seq, num_new)

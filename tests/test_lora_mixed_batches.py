@@ -82,3 +82,28 @@ def test_a_reloaded_adapter_does_not_hit_the_blocks_of_its_predecessor(
     assert second.num_cached_tokens == 0
     assert second.outputs[0].token_ids == each_alone(llm, [prompt], [tiny_adapters.requests()[1]])[0]
     assert second.outputs[0].token_ids != first.outputs[0].token_ids
+
+
+def test_base_model_requests_pass_one_waiting_for_a_lora_slot_and_adapters_do_not(
+    tiny_adapters: TinyAdapters, llm_factory: Callable[..., LLM]
+) -> None:
+    """One slot: `full` runs; `rslora` waits for the slot; a base-model request behind it runs at once; a second
+    `full` request behind it waits too, so that `full` drains and `rslora` gets its turn."""
+    llm = llm_factory(tiny_adapters.base, enable_lora=True, max_loras=1, num_kv_blocks=128)
+    full, rslora = tiny_adapters.requests()[:2]
+    prompts, loras = random_prompts(4, 5, 20, seed=13), [full, rslora, None, full]
+    alone = each_alone(llm_factory(tiny_adapters.base, enable_lora=True, num_kv_blocks=128), prompts, loras)
+    engine = llm.engine
+    for index, (prompt, lora) in enumerate(zip(prompts, loras)):
+        engine.add_request(engine.make_request(f"pass-{index}", prompt, GREEDY, lora_request=lora))
+    results: dict[str, list[int]] = {}
+    admitted: list[list[str]] = []
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            results.setdefault(output.request_id, []).extend(output.outputs[0].token_ids)
+        admitted.append(sorted({seq.request.request_id for seq in engine.scheduler.running}))
+    assert admitted[0] == ["pass-0", "pass-2"]
+    assert "pass-3" not in {request_id for step in admitted if "pass-1" not in step for request_id in step} or \
+        admitted.index(next(step for step in admitted if "pass-3" in step)) > \
+        admitted.index(next(step for step in admitted if "pass-1" in step))
+    assert [results[f"pass-{i}"] for i in range(4)] == alone
