@@ -56,6 +56,7 @@ LORA_METRICS: dict[str, tuple[MetricTypes, tuple[str, ...]]] = {
     "lora_requests_running": (MetricTypes.GAUGE, LORA_GAUGE),
     "lora_requests_waiting": (MetricTypes.GAUGE, LORA_GAUGE),
 }
+ENGINE_METRICS = {**LLM_METRICS, **LORA_METRICS}  # what the engine's statistics feed
 # What the built-in plugins emit, when a model uses them (handler/plugins/rag.py, guard.py).
 PLUGIN_METRICS: dict[str, tuple[MetricTypes, tuple[str, ...]]] = {
     "rag_retrieval_seconds": (MetricTypes.HISTOGRAM, MODEL),
@@ -283,7 +284,7 @@ def _check_entry(where: str, entry: Any, section: str) -> None:
 
 
 def _check_llm_metric(where: str, kind: str, entry: dict[str, Any]) -> None:
-    expected = {**LLM_METRICS, **LORA_METRICS, **PLUGIN_METRICS}.get(entry["name"])
+    expected = {**ENGINE_METRICS, **PLUGIN_METRICS}.get(entry["name"])
     if expected is None:
         return
     metric_type, dimensions = expected
@@ -297,7 +298,7 @@ def _check_llm_metric(where: str, kind: str, entry: dict[str, Any]) -> None:
 def _declared_llm_metrics(cache: MetricCacheAbstract) -> dict[str, CachingMetric]:
     """Our metrics that the worker's metrics YAML declares; a mismatched one is an error naming it."""
     declared = {}
-    for name, (metric_type, dimensions) in {**LLM_METRICS, **LORA_METRICS}.items():
+    for name, (metric_type, dimensions) in ENGINE_METRICS.items():
         try:
             metric = cache.get_metric(name, metric_type)
         except MetricsCacheKeyError:
@@ -307,7 +308,7 @@ def _declared_llm_metrics(cache: MetricCacheAbstract) -> dict[str, CachingMetric
                 f"metrics config: {name} has dimensions {metric.dimension_names}, expected {list(dimensions)}"
             )
         declared[name] = metric
-    missing = sorted((set(LLM_METRICS) | set(LORA_METRICS)) - set(declared))
+    missing = sorted(set(ENGINE_METRICS) - set(declared))
     if missing:
         logger.info("LLM metrics not in the metrics config, so not reported: %s", missing)
     return declared
