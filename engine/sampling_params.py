@@ -5,7 +5,9 @@ Every bound is a range check, so NaN, infinities and integers too large for a fl
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Union
+from typing import Any, Callable, Optional, Union
+
+from engine.structured_output.params import StructuredOutputsParams
 
 MAX_LOGPROBS = 20
 # Below this the sampler's float32 logits / temperature overflow to inf (1e-40 is subnormal in float32; 1e-46 is 0)
@@ -19,6 +21,7 @@ MIN_REPETITION_PENALTY = 0.01  # the mirror image of 100: below it, seen tokens'
 MAX_PENALTY = 2.0  # presence and frequency penalties lie in [-MAX_PENALTY, MAX_PENALTY], as in OpenAI's API
 SEED_LIMIT = 2**64  # torch generators take 64-bit seeds
 MAX_N = 1024  # completions of one request: each is a sequence object built before anything runs
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range: -100 bans a token in effect, +100 all but forces it
 
 
 @dataclass
@@ -44,6 +47,12 @@ class SamplingParams:
     # argmax. Logprobs stay the raw model log-probabilities, but the top candidates and the sampled token's rank count
     # allowed tokens only: with allowed_token_ids=[a, b] and logprobs=2 the logprobs of exactly a and b come back.
     allowed_token_ids: Optional[list[int]] = None
+    # OpenAI's logit_bias: token id -> a bias in [-100, 100] added to its logit before penalties and sampling.
+    logit_bias: Optional[dict[int, float]] = None
+    # The output is constrained to a JSON schema, a regex, a choice or a grammar (engine.structured_output).
+    structured_outputs: Optional[StructuredOutputsParams] = None
+    # Free-form arguments for the engine's plugin logits processors (vLLM's extra_args).
+    extra_args: Optional[dict[str, Any]] = None
 
     def __post_init__(self) -> None:
         self.stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -51,6 +60,8 @@ class SamplingParams:
         self._check_counts()
         self._check_stops()
         self._check_allowed_token_ids()
+        self._check_logit_bias()
+        self._check_extensions()
         self._check_distribution()
         self._check_penalties()
 
@@ -84,6 +95,22 @@ class SamplingParams:
         self.allowed_token_ids = list(self.allowed_token_ids)
         for token_id in self.allowed_token_ids:
             _check_int("allowed_token_ids", token_id, minimum=0)
+
+    def _check_logit_bias(self) -> None:
+        if self.logit_bias is None:
+            return
+        if not isinstance(self.logit_bias, dict):
+            raise ValueError(f"logit_bias must be a map of token id to bias, got {self.logit_bias!r}")
+        for token_id, bias in self.logit_bias.items():
+            _check_int("logit_bias token id", token_id, minimum=0)
+            _check_number(f"logit_bias[{token_id}]", bias, lambda b: -MAX_LOGIT_BIAS <= b <= MAX_LOGIT_BIAS,
+                          f"in [{-MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]")
+
+    def _check_extensions(self) -> None:
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise ValueError(f"structured_outputs must be StructuredOutputsParams, got {self.structured_outputs!r}")
+        if self.extra_args is not None and not isinstance(self.extra_args, dict):
+            raise ValueError(f"extra_args must be a dict, got {self.extra_args!r}")
 
     def _check_distribution(self) -> None:
         _check_number(
