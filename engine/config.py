@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional, TypeVar
 
 from engine.dtypes import TORCH_DTYPES
@@ -52,6 +52,8 @@ class EngineConfig:
     max_loras: int = 4  # adapters one step serves at once: preallocated slots beside the weights
     max_lora_rank: int = 16  # slots hold ranks up to this; an adapter of higher rank is refused
     max_cpu_loras: Optional[int] = None  # adapters kept read in memory, least recently used out; null: max_loras
+    # Plugin logits processors (engine.logits_processors): "package.module:ClassName" each, applied in this order.
+    logits_processors: list[Any] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -80,6 +82,8 @@ class EngineConfig:
         _require_positive_number(self, "kv_cache_memory_gb", "stats_interval_s")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if not isinstance(self.logits_processors, (list, tuple)):
+            raise ValueError(f"logits_processors must be a list of class paths, got {self.logits_processors!r}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
 

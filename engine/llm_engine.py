@@ -11,19 +11,21 @@ from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.detokenizer import Detokenizer
 from engine.distributed import TPGroup, check_devices, rank_device
-from engine.errors import EngineDeadError, RequestFailedError, RequestTimeoutError
+from engine.errors import EngineDeadError
 from engine.layers.sharding import check_tp_size
 from engine.loader import ModelSource, read_model_config, resolve_model
 from engine.lora.adapter import LoRAAdapter
 from engine.lora.cache import AdapterCache
 from engine.lora.request import LoRARequest
-from engine.metrics import EngineStats, RequestCounters
+from engine.metrics import EngineStats
 from engine.model_runner import ModelRunner, SampledStep
-from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from engine.sampler import TokenLogprobs
+from engine.output_processor import OutputProcessor
+from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledSeq, Scheduler
 from engine.sequence import Request, Sequence
+from engine.structured_output.grammar import Grammar, GrammarCompiler
+from engine.structured_output.params import StructuredOutputsParams
 from engine.tokenizer import load_tokenizer
 from engine.tp_workers import TPWorkers
 from engine.worker import Worker
@@ -64,10 +66,12 @@ class LLMEngine:
         self.loras: Optional[AdapterCache] = None
         if config.enable_lora:
             self.loras = AdapterCache(self.model_config, config.max_lora_rank, config.max_cpu_loras or max_loras)
-        self.detokenizer = Detokenizer(self.tokenizer)
         self.eos_token_ids = set(self.model_config.eos_token_ids)
-        self.requests: dict[str, Request] = {}
-        self.counters = RequestCounters()
+        self.output = OutputProcessor(
+            self.scheduler, self.block_manager, Detokenizer(self.tokenizer), self.eos_token_ids, self.max_model_len)
+        self.requests = self.output.requests  # the live requests, by id
+        self.counters = self.output.counters
+        self.grammars: Optional[GrammarCompiler] = None  # made at the first structured_outputs request
 
     def _start_ranks(self, source: ModelSource, model_max_len: int) -> ModelRunner:
         """Rank 0's runner, with ranks 1..N-1 started in their own processes; nothing left running on failure."""
@@ -102,7 +106,17 @@ class LLMEngine:
         prompt_text, token_ids = self._tokenize(prompt)
         self._check_length(len(token_ids), params)
         lora = None if lora_request is None else self._adapter(lora_request)
-        return Request(request_id, prompt_text, token_ids, params, timeout, lora)
+        grammar = None if params.structured_outputs is None else self._grammar(params.structured_outputs)
+        return Request(request_id, prompt_text, token_ids, params, timeout, lora, grammar)
+
+    def _grammar(self, structured_outputs: StructuredOutputsParams) -> Grammar:
+        """The constraint compiled (or taken from the cache); ValueError if it does not compile."""
+        if self.tokenizer is None:
+            raise ValueError("structured_outputs: this model has no tokenizer to build grammars over")
+        if self.grammars is None:
+            config = self.model_config
+            self.grammars = GrammarCompiler(self.tokenizer, config.vocab_size, config.eos_token_ids)
+        return self.grammars.compile(structured_outputs)
 
     def add_lora(self, lora_request: LoRARequest) -> None:
         """Read and check an adapter into the loaded ones (LRU of max_cpu_loras); ValueError names any problem."""
@@ -124,16 +138,12 @@ class LLMEngine:
         return self.loras.get(lora_request)
 
     def add_request(self, request: Request) -> None:
-        if request.request_id in self.requests:
-            raise ValueError(f"request_id {request.request_id!r} is already in use")
-        self.requests[request.request_id] = request
-        for seq in request.seqs:
-            self.scheduler.add(seq)
+        self.output.add(request)
 
     def abort(self, request_id: str) -> Optional[RequestOutput]:
         """Finish the request with reason "abort" and free its blocks now; its final delta, if it was live."""
         request = self.requests.get(request_id)
-        return None if request is None else self._finish_now(request, "abort")
+        return None if request is None else self.output.finish_now(request, "abort")
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -144,7 +154,7 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Abort the requests past their deadline, then run one scheduled step; the output deltas of both."""
-        expired = self._abort_expired()
+        expired = self.output.abort_expired()
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return expired
@@ -152,11 +162,7 @@ class LLMEngine:
         for item in scheduled:
             times = item.seq.request.times
             times.first_scheduled = times.first_scheduled or now
-        step = self._execute(scheduled)
-        for item in scheduled:
-            item.seq.num_computed_tokens += item.num_new_tokens
-            self.block_manager.cache_computed_blocks(item.seq)
-        return expired + self._take_sampled(step)
+        return expired + self.output.update_from_output(scheduled, self._execute(scheduled))
 
     def shutdown(self) -> None:
         """Stop the tensor-parallel workers, if any; the engine cannot step afterwards."""
@@ -195,113 +201,6 @@ class LLMEngine:
             lora_requests_waiting=_requests_per_adapter(waiting),
         )
 
-    def _take_sampled(self, step: SampledStep) -> list[RequestOutput]:
-        """Append each sampled token; a request whose sampling or token handling raised ends alone, with "error"."""
-        outputs: list[RequestOutput] = []
-        for seq, exc in step.failures:
-            failure = RequestFailedError(f"sampling failed for this request: {exc}")
-            outputs += self._end_early(seq.request, "error", failure)
-        for seq, token_id, logprobs in zip(step.seqs, step.sampled.token_ids, step.sampled.logprobs):
-            outputs += self._append_token_or_fail(seq, token_id, logprobs)
-        return outputs + self._collect_outputs([seq for seq in step.seqs if seq.request.failure is None])
-
-    def _append_token_or_fail(
-        self, seq: Sequence, token_id: int, logprobs: Optional[TokenLogprobs]
-    ) -> list[RequestOutput]:
-        """[] unless handling the token raised: then the final output of its request, failed."""
-        if seq.is_finished:  # its request has failed on another of its sequences
-            return []
-        try:
-            self._append_token(seq, token_id, logprobs)
-        except Exception as exc:
-            logger.exception("handling token %d of request %r failed", token_id, seq.request.request_id)
-            failure = RequestFailedError(f"handling its sampled token failed for this request: {exc}")
-            return self._end_early(seq.request, "error", failure)
-        return []
-
-    def _abort_expired(self) -> list[RequestOutput]:
-        """Finish every request past its deadline with reason "timeout"; their final outputs."""
-        now = time.monotonic()
-        outputs: list[RequestOutput] = []
-        for request in list(self.requests.values()):
-            if request.deadline is not None and request.deadline <= now:
-                outputs += self._end_early(request, "timeout", RequestTimeoutError(request.timeout))
-        return outputs
-
-    def _end_early(self, request: Request, reason: str, failure: Exception) -> list[RequestOutput]:
-        """Finish a live request with `reason` ("error" or "timeout"): [its final output], whose stream raises
-        `failure`; [] if it has ended already (another of its sequences failed first)."""
-        if request.failure is not None:
-            return []
-        logger.warning("request %r ended with finish_reason %r: %s", request.request_id, reason, failure)
-        request.failure = failure
-        return [self._finish_now(request, reason)]
-
-    def _finish_now(self, request: Request, reason: str) -> RequestOutput:
-        """Finish the request's unfinished sequences with `reason`, free its blocks and drop it; its final delta."""
-        del self.requests[request.request_id]
-        for seq in request.seqs:
-            if not seq.is_finished:
-                self.scheduler.finish(seq, reason)
-        self.counters.finish(request)
-        return self._make_output(request, request.seqs)
-
-    def _append_token(self, seq: Sequence, token_id: int, logprobs: Optional[TokenLogprobs]) -> None:
-        seq.token_ids.append(token_id)
-        self.counters.count_token(seq.request)
-        if logprobs is not None:
-            seq.logprobs.append(self.detokenizer.logprobs(logprobs))
-        params = seq.params
-        if token_id in params.stop_token_ids:
-            seq.detok.stop_reason = token_id
-            self.scheduler.finish(seq, "stop")
-            return
-        if token_id in self.eos_token_ids and not params.ignore_eos:
-            self.scheduler.finish(seq, "stop")
-            return
-        self.detokenizer.append_token(seq)
-        if seq.detok.stop_reason is not None:
-            self.scheduler.finish(seq, "stop")
-        elif seq.num_output_tokens == params.max_tokens or seq.num_tokens >= self.max_model_len:
-            self.scheduler.finish(seq, "length")
-
-    def _collect_outputs(self, sampled_seqs: list[Sequence]) -> list[RequestOutput]:
-        by_request: dict[str, list[Sequence]] = {}
-        for seq in sampled_seqs:
-            by_request.setdefault(seq.request.request_id, []).append(seq)
-        outputs = []
-        for request_id, seqs in by_request.items():
-            request = self.requests[request_id]
-            if request.is_finished:
-                self.counters.finish(request)
-                del self.requests[request_id]
-            outputs.append(self._make_output(request, seqs))
-        return outputs
-
-    def _make_output(self, request: Request, seqs: list[Sequence]) -> RequestOutput:
-        completions = [self._take_delta(seq) for seq in seqs]
-        return RequestOutput(
-            request_id=request.request_id,
-            prompt=request.prompt,
-            prompt_token_ids=request.prompt_token_ids,
-            outputs=completions,
-            finished=request.is_finished,
-            metrics=_request_metrics(request),
-            num_cached_tokens=min(seq.num_cached_tokens for seq in request.seqs),
-        )
-
-    def _take_delta(self, seq: Sequence) -> CompletionOutput:
-        start = seq.num_emitted_tokens
-        seq.num_emitted_tokens = seq.num_output_tokens
-        return CompletionOutput(
-            index=seq.index,
-            text=self.detokenizer.take_delta(seq),
-            token_ids=seq.output_token_ids[start:],
-            logprobs=seq.logprobs[start:] if seq.params.logprobs is not None else None,
-            finish_reason=seq.finish_reason,
-            stop_reason=seq.detok.stop_reason,
-        )
-
     def _tokenize(self, prompt: Prompt) -> tuple[Optional[str], list[int]]:
         if isinstance(prompt, str):
             if not prompt:
@@ -330,7 +229,7 @@ class LLMEngine:
             raise ValueError(
                 f"top_k must be -1 (disabled) or in [1, {vocab_size}] (the vocabulary size), got {params.top_k}"
             )
-        for name in ("stop_token_ids", "allowed_token_ids"):
+        for name in ("stop_token_ids", "allowed_token_ids", "logit_bias"):
             for token_id in getattr(params, name) or []:
                 if token_id >= vocab_size:
                     raise ValueError(f"{name} must be in [0, {vocab_size}) (the vocabulary size), got {token_id}")
@@ -375,15 +274,3 @@ def _count_requests(seqs: list[Sequence]) -> int:
 def _requests_per_adapter(seqs: list[Sequence]) -> dict[str, int]:
     requests = {seq.request.request_id: seq.request.lora.name for seq in seqs if seq.request.lora is not None}
     return dict(Counter(requests.values()))
-
-
-def _request_metrics(request: Request) -> RequestMetrics:
-    times = request.times
-    return RequestMetrics(
-        arrival_time=times.arrival,
-        first_scheduled_time=times.first_scheduled,
-        first_token_time=times.first_token,
-        finished_time=times.finished,
-        num_prompt_tokens=len(request.prompt_token_ids),
-        num_generation_tokens=sum(seq.num_output_tokens for seq in request.seqs),
-    )

@@ -17,6 +17,7 @@ from engine.attention.metadata import cache_slots
 from engine.config import EngineConfig
 from engine.cuda_graphs import DecodeGraphs
 from engine.distributed import TPGroup
+from engine.logits_processors import load_logits_processors
 from engine.kv_scales import CALIBRATION_TOKENS, calibration_token_ids, recording_kv_amax, scale_for
 from engine.lora.cache import AdapterCache
 from engine.lora.request import LoRARequest
@@ -27,6 +28,7 @@ from engine.sampler import Sampler, SamplerOutput
 from engine.scheduler import ScheduledSeq
 from engine.sequence import Sequence
 from engine.step_inputs import StepInputs
+from engine.structured_output.bitmask import GrammarBitmasks, GrammarMask
 
 logger = logging.getLogger(__name__)
 
@@ -65,8 +67,12 @@ class ModelRunner:
         self.dtype = model.model.norm.weight.dtype
         self.kv_cache_dtype = cache_dtype(config.kv_cache_dtype, self.dtype)
         self.sampler: Optional[Sampler] = None
+        self.grammar_bitmasks: Optional[GrammarBitmasks] = None
         if self.tp.rank == 0:
-            self.sampler = Sampler(model_config.vocab_size, model_config.eos_token_ids, config.seed, self.device)
+            processors = tuple(load_logits_processors(config.logits_processors))
+            self.sampler = Sampler(model_config.vocab_size, model_config.eos_token_ids, config.seed, self.device,
+                                   processors)
+            self.grammar_bitmasks = GrammarBitmasks(model_config.vocab_size, config.max_num_seqs)
         self.decode_graphs: Optional[DecodeGraphs] = None
         self.received_adapters: Optional[AdapterCache] = None  # ranks > 0: the adapters rank 0 put in slots
         if lora is not None and self.tp.rank > 0:
@@ -88,30 +94,34 @@ class ModelRunner:
             inputs.lora_slots, inputs.lora_loads = self._assign_lora_slots(batch)
         if self.tp.size > 1:
             inputs.send(self.tp)
+        seqs = [item.seq for item in batch if item.completes_prompt]
+        grammar_mask = self.grammar_bitmasks.start(seqs)  # filled while the model runs
         logits = self.run(inputs)
         if logits is None:
             return SampledStep()
-        return self._sample(logits, [item.seq for item in batch if item.completes_prompt])
+        return self._sample(logits, seqs, grammar_mask and grammar_mask.result())
 
     def _assign_lora_slots(self, batch: list[ScheduledSeq]) -> tuple[torch.Tensor, list[tuple[int, LoRARequest]]]:
         """Each sequence's LoRA slot, loading adapters into slots as needed; and the loads, for the other ranks."""
         slots, loads = self.lora.assign([item.seq.request.lora for item in batch])
         return torch.tensor(slots, dtype=torch.long), [(slot, adapter.request) for slot, adapter in loads]
 
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampledStep:
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence], grammar_mask: Optional[GrammarMask]) -> SampledStep:
         """The whole batch at once; only if that raises, each sequence alone from the same logits, so that a
         sequence whose parameters break the sampler fails by itself."""
         try:
-            return SampledStep(seqs, self.sampler(logits, seqs))
+            return SampledStep(seqs, self.sampler(logits, seqs, grammar_mask))
         except Exception:
             logger.exception("sampling a batch of %d sequences failed; sampling each alone", len(seqs))
-        return self._sample_each(logits, seqs)
+        return self._sample_each(logits, seqs, grammar_mask)
 
-    def _sample_each(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampledStep:
+    def _sample_each(
+        self, logits: torch.Tensor, seqs: list[Sequence], grammar_mask: Optional[GrammarMask]
+    ) -> SampledStep:
         step = SampledStep()
         for row, seq in enumerate(seqs):
             try:
-                step.add(seq, self.sampler(logits[row : row + 1], [seq]))
+                step.add(seq, self.sampler(logits[row : row + 1], [seq], grammar_mask and grammar_mask.row(row)))
             except Exception as exc:
                 step.failures.append((seq, exc))
         return step

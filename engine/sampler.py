@@ -1,4 +1,5 @@
-"""Batched sampling: penalties, temperature, top-k/top-p/min-p and per-request seeds in one pass."""
+"""Batched sampling: token bans, logits processors, penalties, grammar masks, temperature, top-k/top-p/min-p and
+per-request seeds in one pass."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -6,7 +7,9 @@ from typing import Optional
 
 import torch
 
+from engine.logits_processors import LogitsProcessor
 from engine.sequence import Sequence
+from engine.structured_output.bitmask import GrammarMask
 
 
 @dataclass
@@ -27,14 +30,21 @@ class SamplerOutput:
 
 
 class Sampler:
-    def __init__(self, vocab_size: int, eos_token_ids: list[int], seed: int, device: torch.device) -> None:
+    def __init__(
+        self, vocab_size: int, eos_token_ids: list[int], seed: int, device: torch.device,
+        processors: tuple[LogitsProcessor, ...] = (),
+    ) -> None:
         self.vocab_size = vocab_size
         self.eos_token_ids = eos_token_ids
         self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.processors = processors
 
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
-        """One token per row of `logits` (one row per sequence); `logits` is left as it was."""
-        if all(_plain_greedy(seq) for seq in seqs):
+    def __call__(
+        self, logits: torch.Tensor, seqs: list[Sequence], grammar_mask: Optional[GrammarMask] = None
+    ) -> SamplerOutput:
+        """One token per row of `logits` (one row per sequence); `logits` is left as it was. `grammar_mask` holds the
+        rows' grammars' allowed tokens; a row left with no token to sample raises ValueError."""
+        if grammar_mask is None and all(self._plain_greedy(seq) for seq in seqs):
             # max(...).indices, like argmax, picks the first of tied maxima, and is twice as fast on bfloat16.
             return SamplerOutput(logits[:, : self.vocab_size].max(dim=-1).indices.tolist(), [None] * len(seqs))
         logits = logits[:, : self.vocab_size].to(torch.float32, copy=True)  # penalties and bans write into it
@@ -42,13 +52,30 @@ class Sampler:
         allowed = _allowed_mask(seqs, self.vocab_size, logits.device)
         if allowed is not None:
             logits.masked_fill_(~allowed, float("-inf"))
+        self._apply_processors(logits, seqs)
         logits = self._apply_penalties(logits, seqs)
         logits = self._apply_min_tokens(logits, seqs)
+        if grammar_mask is not None:
+            grammar_mask.apply(logits)
+        _check_some_token_left(logits, seqs)
         if all(s.params.greedy for s in seqs):
             token_ids = logits.argmax(dim=-1)
         else:
             token_ids = self._sample(logits, seqs)
         return SamplerOutput(token_ids.tolist(), _gather_logprobs(raw_logprobs, allowed, token_ids, seqs))
+
+    def _plain_greedy(self, seq: Sequence) -> bool:
+        """Greedy with nothing that changes the logits or asks for logprobs: the argmax of the raw logits is the
+        answer."""
+        p = seq.params
+        unchanged = p.allowed_token_ids is None and not _has_penalty(seq) and seq.num_output_tokens >= p.min_tokens
+        processed = any(processor.applies_to(seq) for processor in self.processors)
+        return p.greedy and p.logprobs is None and unchanged and not processed and seq.grammar is None
+
+    def _apply_processors(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
+        for processor in self.processors:
+            if any(processor.applies_to(seq) for seq in seqs):
+                processor.apply(logits, seqs)
 
     def _apply_penalties(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         rows = [i for i, s in enumerate(seqs) if _has_penalty(s)]
@@ -68,8 +95,9 @@ class Sampler:
         return logits
 
     def _apply_min_tokens(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """Ban the ending tokens until min_tokens; a sequence's grammar, if it has one, decides where it ends."""
         for i, seq in enumerate(seqs):
-            if seq.num_output_tokens < seq.params.min_tokens:
+            if seq.num_output_tokens < seq.params.min_tokens and seq.grammar is None:
                 banned = seq.params.stop_token_ids + ([] if seq.params.ignore_eos else self.eos_token_ids)
                 logits[i, banned] = float("-inf")
         return logits
@@ -88,11 +116,13 @@ class Sampler:
         return torch.where(greedy, greedy_ids, sampled)
 
 
-def _plain_greedy(seq: Sequence) -> bool:
-    """Greedy with nothing that changes the logits or asks for logprobs: the argmax of the raw logits is the answer."""
-    p = seq.params
-    unchanged = p.allowed_token_ids is None and not _has_penalty(seq) and seq.num_output_tokens >= p.min_tokens
-    return p.greedy and p.logprobs is None and unchanged
+def _check_some_token_left(logits: torch.Tensor, seqs: list[Sequence]) -> None:
+    """ValueError naming the first row whose every token is banned (its constraints contradict each other)."""
+    empty = (logits.max(dim=-1).values == float("-inf")).nonzero()
+    if len(empty):
+        seq = seqs[int(empty[0])]
+        raise ValueError(f"no token may follow output token {seq.num_output_tokens} of request "
+                         f"{seq.request.request_id!r}: its allowed_token_ids, logits processors and grammar ban them all")
 
 
 def _has_penalty(seq: Sequence) -> bool:

@@ -5,13 +5,18 @@ import enum
 import itertools
 import time
 from dataclasses import dataclass, field
-from typing import Hashable, Optional, Union
+from typing import TYPE_CHECKING, Hashable, Optional, Union
 
 import torch
 
 from engine.lora.adapter import LoRAAdapter
 from engine.outputs import Logprob
 from engine.sampling_params import SEED_LIMIT, SamplingParams
+
+if TYPE_CHECKING:
+    import xgrammar
+
+    from engine.structured_output.grammar import Grammar
 
 
 class SequenceStatus(enum.Enum):
@@ -53,6 +58,8 @@ class Sequence:
             prefix_offset=max(self.num_prompt_tokens - 5, 0), read_offset=self.num_prompt_tokens
         )
         self.generator = _make_generator(self.params.seed, index)
+        # Its own grammar state, advanced by every output token: it survives preemption, as the tokens do.
+        self.grammar: Optional["xgrammar.GrammarMatcher"] = request.grammar and request.grammar.matcher()
 
     @property
     def num_tokens(self) -> int:
@@ -90,10 +97,11 @@ class RequestTimes:
 class Request:
     def __init__(
         self, request_id: str, prompt: Optional[str], prompt_token_ids: list[int], params: SamplingParams,
-        timeout: Optional[float] = None, lora: Optional[LoRAAdapter] = None,
+        timeout: Optional[float] = None, lora: Optional[LoRAAdapter] = None, grammar: Optional["Grammar"] = None,
     ) -> None:
         self.request_id = request_id
         self.lora = lora  # the adapter it runs with; None: the base model
+        self.grammar = grammar  # the compiled constraint of params.structured_outputs
         self.prompt = prompt
         self.prompt_token_ids = prompt_token_ids
         self.params = params

@@ -32,14 +32,14 @@ def stop_token_beyond_the_vocabulary(request: Request, engine: LLMEngine, monkey
 
 
 def detokenizer_failing_on_it(request: Request, engine: LLMEngine, monkeypatch: pytest.MonkeyPatch) -> None:
-    append_token = engine.detokenizer.append_token
+    append_token = engine.output.detokenizer.append_token
 
     def failing_append_token(seq) -> None:
         if seq.request is request:
             raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "a broken tokenizer")
         append_token(seq)
 
-    monkeypatch.setattr(engine.detokenizer, "append_token", failing_append_token)
+    monkeypatch.setattr(engine.output.detokenizer, "append_token", failing_append_token)
 
 
 BREAKAGES = [huge_top_k, stop_token_beyond_the_vocabulary, detokenizer_failing_on_it]

@@ -72,14 +72,14 @@ def test_stream_interval_counts_each_sequence_of_a_request(make_engine) -> None:
 def test_a_failure_comes_after_the_tokens_held_back(make_engine, monkeypatch: pytest.MonkeyPatch) -> None:
     engine = make_engine(stream_interval=4)
     request = engine.make_request("fails", PROMPT, SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True))
-    append_token = engine.engine.detokenizer.append_token
+    append_token = engine.engine.output.detokenizer.append_token
 
     def fail_at_the_fourth_token(seq) -> None:
         if seq.request is request and seq.num_output_tokens >= 4:
             raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "a broken tokenizer")
         append_token(seq)
 
-    monkeypatch.setattr(engine.engine.detokenizer, "append_token", fail_at_the_fourth_token)
+    monkeypatch.setattr(engine.engine.output.detokenizer, "append_token", fail_at_the_fourth_token)
 
     async def consume() -> tuple[list[RequestOutput], BaseException]:
         received: list[RequestOutput] = []

@@ -25,9 +25,8 @@ class StructuredOutputsParams:
     def __post_init__(self) -> None:
         if self.choice is not None:
             object.__setattr__(self, "choice", _checked_choice(self.choice))
-        if isinstance(self.json, dict):
+        if self.json is not None:
             object.__setattr__(self, "json", _schema_text(self.json))
-        _check_text("structured_outputs.json", self.json)
         _check_text("structured_outputs.regex", self.regex)
         _check_text("structured_outputs.grammar", self.grammar)
         if not isinstance(self.json_object, bool):
@@ -47,12 +46,15 @@ class StructuredOutputsParams:
         return getattr(self, self.kind)
 
 
-def _schema_text(schema: dict[str, Any]) -> str:
-    """A schema dict as canonical JSON text, so equal schemas share one compiled grammar."""
+def _schema_text(schema: Union[str, dict[str, Any]]) -> str:
+    """A schema (a dict or JSON text) as JSON text, the cache key; key order is kept, as it orders the output."""
     try:
-        return json.dumps(schema, sort_keys=True, ensure_ascii=False)
+        parsed = json.loads(schema) if isinstance(schema, str) else schema
+        if not isinstance(parsed, dict):
+            raise ValueError(f"a schema is a JSON object, got {type(parsed).__name__}")
+        return json.dumps(parsed, ensure_ascii=False)
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"structured_outputs.json is not a JSON schema: {exc}") from None
+        raise ValueError(f"structured_outputs.json: invalid JSON schema: {exc}") from None
 
 
 def _checked_choice(choice: Any) -> tuple[str, ...]:
