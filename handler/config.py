@@ -11,10 +11,12 @@ from typing import Any, Optional
 import yaml
 
 from engine.config import EngineConfig
+from handler.chat_template import is_template_file, read_chat_template
 from handler.model_paths import path_in_model_dir
 from handler.plugins import Plugin, load_plugins
 from handler.plugins.pipeline import plugin_class
 from handler.protocol import ADAPTER_NAME, ADAPTER_NAME_RULE, RequestLimits
+from handler.tool_calls.parsers import TOOL_CALL_PARSERS
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +29,8 @@ FRONTEND_KEYS = frozenset({
     "continuousBatching", "sequenceBatching", "asyncCommunication", "useVenv", "pt2",
 })
 HANDLER_KEYS = (
-    "model", "served_model_name", "chat_template", "engine", "limits", "plugins", "embedding_model", "lora_modules",
+    "model", "served_model_name", "chat_template", "tool_call_parser", "engine", "limits", "plugins", "embedding_model",
+    "lora_modules",
 )
 
 
@@ -37,7 +40,8 @@ class HandlerConfig:
 
     model: Optional[str] = None
     served_model_name: Optional[str] = None
-    chat_template: Optional[str] = None
+    chat_template: Optional[str] = None  # the template's text (the YAML may name a file)
+    tool_call_parser: str = "hermes"  # how the model writes its own tool calls: a key of TOOL_CALL_PARSERS
     engine: EngineConfig = field(default_factory=EngineConfig)
     limits: RequestLimits = field(default_factory=RequestLimits)
     plugins: list[Plugin] = field(default_factory=list)  # handler.plugins.pipeline: in the order listed
@@ -56,13 +60,28 @@ class HandlerConfig:
             if value is not None and (not isinstance(value, str) or not value):
                 raise ValueError(f"handler.{name} must be a non-empty string, got {value!r}")
         model = path_in_model_dir("handler.model", model, model_dir)
+        chat_template = read_chat_template(_template_in_model_dir(section.get("chat_template"), model_dir))
         lora_modules = _lora_modules(section.get("lora_modules") or {}, model_dir)
         engine = EngineConfig.from_dict({**_lora_enabled(engine_values, lora_modules), "model": model})
         limits = RequestLimits.from_dict(_mapping("handler.limits", section.get("limits") or {}))
         plugins = load_plugins(section.get("plugins") or [])
         embedding_model = path_in_model_dir("handler.embedding_model", section.get("embedding_model"), model_dir)
-        return cls(model, section.get("served_model_name"), section.get("chat_template"), engine, limits, plugins,
-                   embedding_model, lora_modules)
+        return cls(model, section.get("served_model_name"), chat_template, _tool_call_parser(section), engine, limits,
+                   plugins, embedding_model, lora_modules)
+
+
+def _template_in_model_dir(chat_template: Optional[str], model_dir: Optional[str]) -> Optional[str]:
+    if chat_template is None or not is_template_file(chat_template):
+        return chat_template
+    return path_in_model_dir("handler.chat_template", chat_template, model_dir)
+
+
+def _tool_call_parser(section: dict[str, Any]) -> str:
+    name = section.get("tool_call_parser")
+    name = HandlerConfig.tool_call_parser if name is None else name
+    if name not in TOOL_CALL_PARSERS:
+        raise ValueError(f"handler.tool_call_parser must be one of {', '.join(TOOL_CALL_PARSERS)}, got {name!r}")
+    return name
 
 
 def _lora_modules(modules: Any, model_dir: Optional[str]) -> dict[str, str]:
@@ -144,13 +163,15 @@ def _check_parallel(config: dict[str, Any]) -> None:
 
 
 def with_absolute_paths(config: dict[str, Any], folder: Path) -> dict[str, Any]:
-    """`config` with the relative paths of `handler.embedding_model`, `handler.lora_modules` and of the plugins'
-    path options made absolute from `folder`: a YAML outside a model folder (the launcher's --config) means paths
+    """`config` with the relative paths of `handler.embedding_model`, `handler.chat_template` (a file),
+    `handler.lora_modules` and of the plugins' path options made absolute from `folder`: a YAML outside a model folder (the launcher's --config) means paths
     beside itself."""
     result = copy.deepcopy(config)
     section = result.get("handler") or {}
     if isinstance(section.get("embedding_model"), str):
         section["embedding_model"] = str(folder / Path(section["embedding_model"]).expanduser())
+    if isinstance(section.get("chat_template"), str) and is_template_file(section["chat_template"]):
+        section["chat_template"] = str(folder / Path(section["chat_template"]).expanduser())
     if isinstance(section.get("lora_modules"), dict):
         section["lora_modules"] = {name: str(folder / Path(path).expanduser()) if isinstance(path, str) else path
                                    for name, path in section["lora_modules"].items()}

@@ -158,9 +158,12 @@ def apply_tensor_parallel_size(config: dict[str, Any], requested: Optional[int])
 
 
 def base_config(path: Optional[Path]) -> dict[str, Any]:
-    if path is not None:
-        return with_absolute_paths(read_model_yaml(str(path)), path.resolve().parent)
-    return read_model_yaml(str(DEFAULT_CONFIG)) if DEFAULT_CONFIG.is_file() else FALLBACK_CONFIG
+    """The model-config YAML at `path` (default: DEFAULT_CONFIG, else FALLBACK_CONFIG), its relative paths made
+    absolute from its folder."""
+    path = path or (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
+    if path is None:
+        return copy.deepcopy(FALLBACK_CONFIG)
+    return with_absolute_paths(read_model_yaml(str(path)), path.resolve().parent)
 
 
 def model_name(args: argparse.Namespace, config: dict[str, Any]) -> str:

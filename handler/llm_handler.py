@@ -72,6 +72,7 @@ class LLMHandler:
             float(ctx.model_yaml_config.get("responseTimeout", DEFAULT_RESPONSE_TIMEOUT_S)),
             pipeline,
             adapters,
+            config.tool_call_parser,
         )
         self.metrics.start(engine.stats())
         engine.add_stat_logger(self.metrics.record)

@@ -18,9 +18,12 @@ from engine.lora import LoRARequest
 from engine.outputs import CompletionOutput, Logprob, RequestMetrics
 from engine.sequence import Request
 from handler.lora_serving import LoRAAdapters
+from handler.output_constraints import relabeled
 from handler.protocol import (
     APIError, ChatRequest, CompletionRequest, RequestLimits, parse_chat_request, parse_completion_request,
 )
+from handler.tool_calls.parsers import ToolCallParser
+from handler.tool_calls.responses import ChatDeltas, chat_message, finish_reason
 from handler.plugins import OutputFilter, Plugin, PluginPipeline, PluginReply, PluginRequest
 from handler.plugins.pipeline import run_filters
 from handler.response_budget import ResponseBudget
@@ -71,6 +74,7 @@ class OpenAIServing:
         request_timeout: Optional[float] = None,
         pipeline: PluginPipeline = PluginPipeline([]),
         adapters: Optional[LoRAAdapters] = None,
+        tool_call_parser: str = "hermes",
     ) -> None:
         self.engine = engine
         self.served_model_name = served_model_name
@@ -83,6 +87,7 @@ class OpenAIServing:
         self.response_budget = ResponseBudget(engine.tokenizer, limits.max_response_bytes)
         self.created = int(time.time())
         self.adapters = adapters or LoRAAdapters.disabled(engine, served_model_name, self.created)
+        self.tool_call_parser = tool_call_parser  # how a model's own tool calls are read (tool_choice auto)
 
     def list_models(self) -> dict[str, Any]:
         card = {
@@ -115,15 +120,20 @@ class OpenAIServing:
         plugged, reply, lora = await self._through_plugins(
             parse_chat_request(body, self.limits, self.pipeline.request_fields), request_id)
         request = plugged.body
-        prompt = self._chat_prompt(request.messages) if reply is None else []
+        tools = None if request.tools is None else request.tools.template_tools()
+        prompt = self._chat_prompt(request.messages, tools) if reply is None else []
         if request.params.max_tokens is None:
             request.params = self._default_max_tokens(request.params, len(prompt))
         call = self._start(f"chatcmpl-{request_id}", "chat.completion", plugged, [prompt], "messages", reply, lora)
         if request.stream:
             return self._stream_chat(call, request)
         outputs = await _collect(self._run(call))
-        choices = [_chat_choice(out, request.params.logprobs) for out in outputs[0].outputs]
+        choices = [_chat_choice(out, request.params.logprobs, self._tool_parser(request)) for out in outputs[0].outputs]
         return call.envelope(choices=choices, usage=_usage(outputs))
+
+    def _tool_parser(self, request: ChatRequest) -> Optional[ToolCallParser]:
+        """A fresh reader of one choice's tool calls; None when the request reads none."""
+        return None if request.tools is None else request.tools.parser(self.tool_call_parser)
 
     async def _through_plugins(
         self, request: Union[CompletionRequest, ChatRequest], request_id: str
@@ -190,15 +200,15 @@ class OpenAIServing:
                 param=what, code="context_length_exceeded",
             ) from None
         except ValueError as exc:
-            raise APIError(str(exc), param=what) from None
+            raise _refused(str(exc), what, request.constraint_source) from None
 
-    def _chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+    def _chat_prompt(self, messages: list[dict[str, Any]], tools: Optional[list[dict[str, Any]]]) -> list[int]:
         tokenizer = self.engine.tokenizer
         if self.chat_template is None and getattr(tokenizer, "chat_template", None) is None:
             raise APIError("this model has no chat template; set handler.chat_template in the model-config YAML")
         try:
             text = tokenizer.apply_chat_template(
-                messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=True
+                messages, tools=tools, chat_template=self.chat_template, tokenize=False, add_generation_prompt=True
             )
         except Exception as exc:  # a template may reject a conversation, e.g. a role order it does not allow
             raise APIError(f"the chat template rejected these messages: {exc}", param="messages") from None
@@ -231,15 +241,23 @@ class OpenAIServing:
             role = {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
             yield sse_event(call.envelope(choices=[role]))
         top_logprobs = request.params.logprobs
+        readers = [ChatDeltas(self._tool_parser(request)) for _ in range(call.n)]
         totals: dict[int, RequestOutput] = {}
         async with aclosing(self._run(call)) as deltas:
             async for _, delta in deltas:
                 _fold(totals, 0, delta)
                 for out in delta.outputs:
-                    if out.text or out.finish_reason or (top_logprobs is not None and out.token_ids):
-                        yield sse_event(call.envelope(choices=[_chat_delta(out, top_logprobs)]))
+                    for choice in _chat_deltas(out, top_logprobs, readers[out.index]):
+                        yield sse_event(call.envelope(choices=[choice]))
         if request.include_usage:
             yield sse_event(call.envelope(choices=[], usage=_usage(list(totals.values()))))
+
+
+def _refused(message: str, what: str, constraint_source: Optional[str]) -> APIError:
+    """The engine refused a request: the error names the request field at fault, as the client spelled it."""
+    if message.startswith("structured_outputs") and constraint_source is not None:
+        return APIError(relabeled(message, constraint_source), param=constraint_source)
+    return APIError(message, param="logit_bias" if message.startswith("logit_bias") else what)
 
 
 async def _merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
@@ -374,21 +392,30 @@ def _completion_choice(index: int, out: CompletionOutput, want_logprobs: bool) -
     }
 
 
-def _chat_delta(out: CompletionOutput, top_logprobs: Optional[int]) -> dict[str, Any]:
-    return {
-        "index": out.index,
-        "delta": {"content": out.text} if out.text else {},
-        "logprobs": _chat_logprobs(out, top_logprobs) if top_logprobs is not None else None,
-        "finish_reason": out.finish_reason,
-    }
+def _chat_deltas(out: CompletionOutput, top_logprobs: Optional[int], reader: ChatDeltas) -> list[dict[str, Any]]:
+    """The stream choices of one engine delta: one per delta object (content, each tool call's piece); the
+    log-probabilities go on the first, the finish reason on the last. Nothing when the engine delta adds nothing."""
+    deltas = reader.deltas(out.text, out.finish_reason is not None)
+    with_logprobs = top_logprobs is not None and bool(out.token_ids)
+    if not deltas and (out.finish_reason or with_logprobs):
+        deltas = [{}]
+    choices = [{"index": out.index, "delta": delta, "logprobs": None, "finish_reason": None} for delta in deltas]
+    if choices and with_logprobs:
+        choices[0]["logprobs"] = _chat_logprobs(out, top_logprobs)
+    if choices:
+        choices[-1]["finish_reason"] = reader.finish_reason(out.finish_reason)
+    return choices
 
 
-def _chat_choice(out: CompletionOutput, top_logprobs: Optional[int]) -> dict[str, Any]:
+def _chat_choice(
+    out: CompletionOutput, top_logprobs: Optional[int], parser: Optional[ToolCallParser]
+) -> dict[str, Any]:
+    message = chat_message(out.text, parser)
     return {
         "index": out.index,
-        "message": {"role": "assistant", "content": out.text},
+        "message": message,
         "logprobs": _chat_logprobs(out, top_logprobs) if top_logprobs is not None else None,
-        "finish_reason": out.finish_reason,
+        "finish_reason": finish_reason(out.finish_reason, "tool_calls" in message),
         "stop_reason": out.stop_reason,
     }
 

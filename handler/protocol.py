@@ -7,10 +7,16 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Union
 
 from engine.config import settings_from_dict
-from engine.sampling_params import MAX_LOGPROBS, MAX_TEMPERATURE, SamplingParams
+from engine.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_TEMPERATURE, SamplingParams
+from handler.api_error import APIError, json_type
+from handler.output_constraints import CONSTRAINT_FIELDS, OutputConstraint, output_constraint
+from handler.tool_calls.history import assistant_calls, tool_result
+from handler.tool_calls.request import ChatTools, parse_tools
 
 Prompt = Union[str, list[int]]
-CHAT_ROLES = ("system", "developer", "user", "assistant")
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+MESSAGE_KEYS = {"assistant": ("role", "content", "name", "tool_calls"), "tool": ("role", "content", "tool_call_id")}
+TOKEN_ID_KEY = re.compile(r"[0-9]{1,12}", re.ASCII)  # a logit_bias key
 
 
 @dataclass
@@ -35,28 +41,6 @@ class RequestLimits:
         return settings_from_dict(cls, values, "handler.limits")
 
 
-class APIError(Exception):
-    """An error the client caused (4xx) or the server hit (5xx), in OpenAI's error object shape."""
-
-    def __init__(
-        self,
-        message: str,
-        status: int = 400,
-        param: Optional[str] = None,
-        code: Optional[str] = None,
-        error_type: Optional[str] = None,
-    ) -> None:
-        super().__init__(message)
-        self.message = message
-        self.status = status
-        self.param = param
-        self.code = code
-        self.error_type = error_type or ("invalid_request_error" if status < 500 else "server_error")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.error_type, "param": self.param, "code": self.code}}
-
-
 @dataclass
 class CompletionRequest:
     model: Optional[str]
@@ -66,17 +50,20 @@ class CompletionRequest:
     include_usage: bool
     timeout: Optional[float]
     extensions: dict[str, Any] = field(default_factory=dict)  # the plugins' own request fields that were sent
+    constraint_source: Optional[str] = None  # the field that constrains the output (params.structured_outputs)
 
 
 @dataclass
 class ChatRequest:
     model: Optional[str]
-    messages: list[dict[str, str]]
+    messages: list[dict[str, Any]]
     params: SamplingParams
     stream: bool
     include_usage: bool
     timeout: Optional[float]
     extensions: dict[str, Any] = field(default_factory=dict)  # the plugins' own request fields that were sent
+    constraint_source: Optional[str] = None  # the field that constrains the output (params.structured_outputs)
+    tools: Optional[ChatTools] = None
 
 
 def _is_int(value: Any) -> bool:
@@ -116,14 +103,14 @@ SAMPLING_FIELDS = {
 }
 COMMON_FIELDS = {
     "model": "str", "max_tokens": "int", "stream": "bool", "stream_options": "object", "user": "str", "timeout": "number",
+    "logit_bias": "object", "vllm_xargs": "object", **CONSTRAINT_FIELDS,
 }
 COMPLETION_FIELDS = {
-    "prompt": "any", "logprobs": "int", "echo": "bool", "best_of": "int", "suffix": "str", "logit_bias": "object",
+    "prompt": "any", "logprobs": "int", "echo": "bool", "best_of": "int", "suffix": "str",
 }
 CHAT_FIELDS = {
     "messages": "any", "logprobs": "bool", "top_logprobs": "int", "max_completion_tokens": "int",
-    "logit_bias": "object", "tools": "any", "tool_choice": "any", "response_format": "object",
-    "parallel_tool_calls": "bool",
+    "tools": "any", "tool_choice": "any", "parallel_tool_calls": "bool",
 }
 
 REQUEST_FIELDS = frozenset({**COMMON_FIELDS, **SAMPLING_FIELDS, **COMPLETION_FIELDS, **CHAT_FIELDS})
@@ -140,7 +127,7 @@ class _Body:
 
     def __init__(self, body: Any, fields: dict[str, str]) -> None:
         if not isinstance(body, dict):
-            raise APIError(f"the request body must be a JSON object, got {_json_type(body)}")
+            raise APIError(f"the request body must be a JSON object, got {json_type(body)}")
         unknown = sorted(set(body) - set(fields))
         if unknown:
             raise APIError(f"unrecognized request argument(s): {', '.join(unknown)}", param=unknown[0])
@@ -153,7 +140,7 @@ class _Body:
             return default
         check, description = KINDS[self.fields[name]]
         if not check(value):
-            raise APIError(f"{name} must be {description}, got {_json_type(value)}", param=name)
+            raise APIError(f"{name} must be {description}, got {json_type(value)}", param=name)
         return value
 
     def reject_set(self, name: str, allowed: tuple[Any, ...] = ()) -> None:
@@ -175,16 +162,17 @@ def parse_completion_request(
     fields = _Body(body, {**COMMON_FIELDS, **SAMPLING_FIELDS, **COMPLETION_FIELDS, **extension_fields})
     fields.reject_set("echo", allowed=(False,))
     fields.reject_set("suffix", allowed=("",))
-    fields.reject_set("logit_bias", allowed=({},))
     prompts = _prompts(body.get("prompt"))
     logprobs = fields.in_range("logprobs", 0, MAX_LOGPROBS, None)
-    params = _sampling_params(fields, fields.get("max_tokens", 16), logprobs, limits, len(prompts))
+    constraint = output_constraint(_sent(fields, CONSTRAINT_FIELDS))
+    params = _sampling_params(fields, fields.get("max_tokens", 16), logprobs, limits, len(prompts),
+                              _engine_extensions(fields, constraint))
     best_of = fields.get("best_of")
     if best_of is not None and best_of != params.n:
         raise APIError("best_of other than n is not supported by this server", param="best_of")
     stream, include_usage = _stream_settings(fields)
     return CompletionRequest(fields.get("model"), prompts, params, stream, include_usage, _timeout(fields),
-                             _extensions(fields, extension_fields))
+                             _extensions(fields, extension_fields), constraint and constraint.source)
 
 
 def parse_chat_request(
@@ -192,20 +180,19 @@ def parse_chat_request(
 ) -> ChatRequest:
     extension_fields = extension_fields or {}
     fields = _Body(body, {**COMMON_FIELDS, **SAMPLING_FIELDS, **CHAT_FIELDS, **extension_fields})
-    for name in ("tools", "tool_choice"):
-        fields.reject_set(name, allowed=([], "none"))
-    fields.reject_set("logit_bias", allowed=({},))
-    fields.reject_set("response_format", allowed=({"type": "text"},))
     logprobs = fields.get("logprobs", False)
     top_logprobs = fields.in_range("top_logprobs", 0, MAX_LOGPROBS, None)
     if top_logprobs is not None and not logprobs:
         raise APIError("top_logprobs requires logprobs to be true", param="top_logprobs")
+    tools = parse_tools(body.get("tools"), body.get("tool_choice"), fields.get("parallel_tool_calls"))
+    constraint = output_constraint(_sent(fields, CONSTRAINT_FIELDS), tools and tools.output_constraint())
     max_tokens = fields.get("max_completion_tokens", fields.get("max_tokens"))
-    params = _sampling_params(fields, max_tokens, (top_logprobs or 0) if logprobs else None, limits, 1)
+    params = _sampling_params(fields, max_tokens, (top_logprobs or 0) if logprobs else None, limits, 1,
+                              _engine_extensions(fields, constraint))
     stream, include_usage = _stream_settings(fields)
     messages = _messages(body.get("messages"))
     return ChatRequest(fields.get("model"), messages, params, stream, include_usage, _timeout(fields),
-                       _extensions(fields, extension_fields))
+                       _extensions(fields, extension_fields), constraint and constraint.source, tools)
 
 
 def parse_load_lora_request(body: Any) -> tuple[str, str]:
@@ -234,7 +221,8 @@ def _required(fields: _Body, name: str) -> Any:
 
 
 def _sampling_params(
-    fields: _Body, max_tokens: Optional[int], logprobs: Optional[int], limits: RequestLimits, num_prompts: int
+    fields: _Body, max_tokens: Optional[int], logprobs: Optional[int], limits: RequestLimits, num_prompts: int,
+    extensions: dict[str, Any],
 ) -> SamplingParams:
     fields.in_range("temperature", 0, MAX_TEMPERATURE, None)
     n = fields.get("n", 1)
@@ -247,10 +235,46 @@ def _sampling_params(
     values = {name: fields.get(name) for name in SAMPLING_FIELDS}
     values = {name: value for name, value in values.items() if value is not None}
     try:
-        return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **values)
+        return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **values, **extensions)
     except ValueError as exc:
         message = str(exc)
         raise APIError(message, param=message.split()[0]) from None
+
+
+def _sent(fields: _Body, names: dict[str, str]) -> dict[str, Any]:
+    """The values of the fields `names` that the request set."""
+    values = {name: fields.get(name) for name in names}
+    return {name: value for name, value in values.items() if value is not None}
+
+
+def _engine_extensions(fields: _Body, constraint: Optional[OutputConstraint]) -> dict[str, Any]:
+    """SamplingParams' logit_bias, structured_outputs and extra_args."""
+    return {
+        "logit_bias": _logit_bias(fields.get("logit_bias")),
+        "structured_outputs": None if constraint is None else constraint.params,
+        "extra_args": _extra_args(fields.get("vllm_xargs")),
+    }
+
+
+def _logit_bias(biases: Optional[dict[str, Any]]) -> Optional[dict[int, float]]:
+    """OpenAI's logit_bias: token ids (as the JSON object's keys) to a bias in [-100, 100]."""
+    for key, bias in (biases or {}).items():
+        if not TOKEN_ID_KEY.fullmatch(key):
+            raise APIError(f"logit_bias keys must be token ids (integers), got {key!r}", param="logit_bias")
+        if not _is_number(bias) or not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+            raise APIError(f"logit_bias values must be numbers in [{-MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], got "
+                           f"{bias!r} for token {key}", param="logit_bias")
+    return {int(key): bias for key, bias in biases.items()} if biases else None
+
+
+def _extra_args(arguments: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
+    """vLLM's vllm_xargs, for the engine's logits-processor plugins: strings, numbers or lists of them."""
+    for key, value in (arguments or {}).items():
+        items = value if isinstance(value, list) else [value]
+        if not all(isinstance(item, str) or _is_number(item) for item in items):
+            raise APIError(f"vllm_xargs.{key} must be a string, a number or a list of them, got {json_type(value)}",
+                           param="vllm_xargs")
+    return arguments or None
 
 
 def _check_stop(stop: Union[None, str, list[str]], limits: RequestLimits) -> None:
@@ -315,7 +339,7 @@ def _prompts(prompt: Any) -> list[Prompt]:
     return prompts
 
 
-def _messages(messages: Any) -> list[dict[str, str]]:
+def _messages(messages: Any) -> list[dict[str, Any]]:
     if messages is None:
         raise APIError("messages is required", param="messages")
     if not isinstance(messages, list) or not messages:
@@ -323,16 +347,20 @@ def _messages(messages: Any) -> list[dict[str, str]]:
     return [_message(i, message) for i, message in enumerate(messages)]
 
 
-def _message(index: int, message: Any) -> dict[str, str]:
+def _message(index: int, message: Any) -> dict[str, Any]:
     where = f"messages[{index}]"
     if not isinstance(message, dict):
         raise APIError(f"{where} must be an object", param=where)
-    unknown = sorted(set(message) - {"role", "content", "name"})
-    if unknown:
-        raise APIError(f"{where}: unsupported field(s) {', '.join(unknown)}", param=where)
     role = message.get("role")
     if role not in CHAT_ROLES:
         raise APIError(f"{where}.role must be one of {', '.join(CHAT_ROLES)}, got {role!r}", param=f"{where}.role")
+    unknown = sorted(set(message) - set(MESSAGE_KEYS.get(role, ("role", "content", "name"))))
+    if unknown:
+        raise APIError(f"{where}: unsupported field(s) {', '.join(unknown)}", param=where)
+    if role == "tool":
+        return tool_result(where, message, _content_text)
+    if message.get("tool_calls") is not None:
+        return assistant_calls(where, message, _content_text)
     content = _content_text(where, message.get("content"))
     return {"role": "system" if role == "developer" else role, "content": content}
 
@@ -344,15 +372,10 @@ def _content_text(where: str, content: Any) -> str:
     if isinstance(content, list) and all(_is_text_part(part) for part in content):
         return "".join(part["text"] for part in content)
     raise APIError(
-        f"{where}.content must be a string or a list of text parts, got {_json_type(content)}",
+        f"{where}.content must be a string or a list of text parts, got {json_type(content)}",
         param=f"{where}.content",
     )
 
 
 def _is_text_part(part: Any) -> bool:
     return isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
-
-
-def _json_type(value: Any) -> str:
-    names = {bool: "boolean", int: "integer", float: "number", str: "string", list: "array", dict: "object"}
-    return "null" if value is None else names.get(type(value), type(value).__name__)
