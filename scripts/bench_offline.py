@@ -16,6 +16,8 @@ Peers (`--peers NAME...`; a bare `--peers` means all of them; without the flag, 
 
 `--lora N` adds `pagedserve-loraN`: our engine with N random rank-`--lora-rank` PEFT adapters on every projection,
 assigned to the requests round-robin, in the same run as the base model (the cost of LoRA).
+`--json-schema` adds `pagedserve-json`: our engine with BENCH_SCHEMA constraining every request (the cost of
+structured outputs), and times compiling each of BENCH_SCHEMAS, cold and from the cache.
 
 Example: .venv/bin/python scripts/bench_offline.py --num-requests 4 --input-len 16 --output-len 8
 """
@@ -43,6 +45,9 @@ from engine.loader import default_model_path, read_model_config, resolve_model
 from engine.lora import LoRARequest
 from engine.lora.adapter import MLP_PROJECTIONS, TARGET_MODULES, projection_shape
 from engine.models.config import ModelConfig
+from engine.structured_output import StructuredOutputsParams
+from engine.structured_output.grammar import GrammarCompiler
+from engine.tokenizer import load_tokenizer
 
 OURS = "pagedserve"
 IN_PROCESS_PEERS = ("transformers", "transformers-paged")
@@ -55,6 +60,30 @@ PEER_KV_CACHE_GB = 2
 MIN_TOKEN_ID = 1000  # ids below this hold SmolLM2's special and byte-level tokens
 WARMUP_REQUESTS = 2
 WARMUP_TOKENS = 8
+# A record with an array of at least 64 numbers: no output can complete it within W's 128 tokens, so every request
+# stays constrained to the end, as the unconstrained run's do.
+BENCH_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "integer"}, "label": {"type": "string", "enum": ["train", "test", "holdout"]},
+        "scores": {"type": "array", "items": {"type": "number"}, "minItems": 64},
+    },
+    "required": ["id", "label", "scores"],
+}
+BENCH_SCHEMAS = {
+    "scores": BENCH_SCHEMA,
+    "person": {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 40}, "age": {"type": "integer", "minimum": 0},
+            "email": {"type": "string", "format": "email"},
+            "address": {"type": "object", "properties": {"city": {"type": "string"}, "zip": {"type": "string",
+                        "pattern": "^[0-9]{5}$"}}, "required": ["city"]},
+            "tags": {"type": "array", "items": {"type": "string"}, "maxItems": 8},
+        },
+        "required": ["name", "age"],
+    },
+}
 
 # Generates greedily for every prompt, `output_len` tokens each; returns the output-token count.
 GenerateFn = Callable[[list[list[int]], int], int]
@@ -135,6 +164,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-num-batched-tokens", type=int, help="our engine's max_num_batched_tokens")
     parser.add_argument("--lora", type=int, default=0, help="also run ours with this many LoRA adapters")
     parser.add_argument("--lora-rank", type=int, default=16, help="the rank of the --lora adapters")
+    parser.add_argument("--json-schema", action="store_true", help="also run ours with BENCH_SCHEMA on every request")
     parser.add_argument(
         "--tensor-parallel-size", type=int, default=1,
         help="our engine's ranks (SmolLM2 allows 1 or 3); CPU ranks split the threads",
@@ -144,6 +174,8 @@ def parse_args() -> argparse.Namespace:
     args.ours = ours_systems(args.quantization)
     if args.lora:
         args.ours[f"{OURS}-lora{args.lora}"] = args.quantization[0]
+    if args.json_schema:
+        args.ours[f"{OURS}-json"] = args.quantization[0]
     args.dtype = str(resolve_dtype(args.dtype, torch.device("cpu"))).removeprefix("torch.")
     return args
 
@@ -197,6 +229,7 @@ def run_context(args: argparse.Namespace) -> dict[str, Any]:
         "quantized_dense_rows": args.quantized_dense_rows,
         "lora": args.lora,
         "lora_rank": args.lora_rank,
+        "json_schema": args.json_schema,
     }
 
 
@@ -220,22 +253,47 @@ def ours_generate(args: argparse.Namespace, system: str) -> GenerateFn:
         engine_args["max_num_seqs"] = args.max_num_seqs
     if args.max_num_batched_tokens is not None:
         engine_args["max_num_batched_tokens"] = args.max_num_batched_tokens
+    if system.endswith("-json"):
+        return llm_generate(LLM(model=None, **engine_args), structured=StructuredOutputsParams(json=BENCH_SCHEMA))
     if "-lora" not in system:
         return llm_generate(LLM(model=None, **engine_args))
     llm = LLM(model=None, enable_lora=True, max_loras=args.lora, max_lora_rank=args.lora_rank, **engine_args)
     return llm_generate(llm, random_adapters(llm.engine.model_config, args.lora, args.lora_rank))
 
 
-def llm_generate(llm: LLM, adapters: Optional[list[LoRARequest]] = None) -> GenerateFn:
-    """Without adapters every request runs on the base model; with them, request i on adapter i mod N."""
+def llm_generate(
+    llm: LLM, adapters: Optional[list[LoRARequest]] = None, structured: Optional[StructuredOutputsParams] = None
+) -> GenerateFn:
+    """Without adapters every request runs on the base model; with them, request i on adapter i mod N. With
+    `structured`, every request is constrained by it."""
 
     def generate(prompts: list[list[int]], output_len: int) -> int:
-        params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+        params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True, structured_outputs=structured)
         loras = [adapters[i % len(adapters)] for i in range(len(prompts))] if adapters else None
         outputs = llm.generate(prompts, params, use_tqdm=False, lora_request=loras)
         return sum(len(output.outputs[0].token_ids) for output in outputs)
 
     return generate
+
+
+def grammar_compile_times() -> dict[str, dict[str, float]]:
+    """Milliseconds to compile each of BENCH_SCHEMAS on a fresh compiler (cold), then again (from its cache)."""
+    source = resolve_model(None)
+    config = read_model_config(source)
+    compiler = GrammarCompiler(load_tokenizer(source, None, required=True), config.vocab_size, config.eos_token_ids)
+    times = {}
+    for name, schema in BENCH_SCHEMAS.items():
+        params = StructuredOutputsParams(json=schema)
+        cold, cached = (_milliseconds(lambda: compiler.compile(params)) for _ in range(2))
+        times[name] = {"cold_ms": cold, "cached_ms": cached}
+        print(f"grammar compile, schema {name!r}: cold {cold:.2f} ms, cached {cached:.4f} ms", flush=True)
+    return times
+
+
+def _milliseconds(run: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    run()
+    return (time.perf_counter() - start) * 1000
 
 
 def random_adapters(config: ModelConfig, count: int, rank: int) -> list[LoRARequest]:
@@ -491,6 +549,8 @@ def main() -> None:
     report = {"context": context, "results": [asdict(result) for result in results]}
     if args.limits:
         report["limits"] = workload_limits(args, workloads, results)
+    if args.json_schema:
+        report["grammar_compile"] = grammar_compile_times()
     text = json.dumps(report, indent=2)
     print()
     print(text)
