@@ -88,3 +88,20 @@ def test_lora_adapters_on_cuda_match_peft_and_mix_with_graph_steps(tiny_adapters
     for lora, output in zip(loras, mixed):
         expected = peft_greedy(tiny_adapters.base, None if lora is None else Path(lora.path), prompt, 16)
         assert output.outputs[0].token_ids == expected, lora
+
+
+def test_grammar_bitmasks_constrain_cuda_logits_beside_unconstrained_rows(tiny_model, llm_factory) -> None:
+    """The bitmask is filled on the CPU and applied to the logits on the GPU; unconstrained rows keep their tokens."""
+    import re
+
+    from engine.structured_output import StructuredOutputsParams
+
+    llm = llm_factory(tiny_model("llama"), device="cuda", num_kv_blocks=256, max_num_seqs=8)
+    free = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    phone = SamplingParams(temperature=1.0, seed=1, max_tokens=32,
+                           structured_outputs=StructuredOutputsParams(regex=r"\d{3}-\d{4}"))
+    prompt = [510, 3458, 282, 4649, 314, 253, 1345, 30]
+    alone = llm.generate([prompt], free)[0].outputs[0].token_ids
+    mixed = llm.generate([prompt, prompt], [free, phone])
+    assert mixed[0].outputs[0].token_ids == alone
+    assert re.fullmatch(r"\d{3}-\d{4}", mixed[1].outputs[0].text) and mixed[1].outputs[0].finish_reason == "stop"
