@@ -95,11 +95,14 @@ class ModelRunner:
         if self.tp.size > 1:
             inputs.send(self.tp)
         seqs = [item.seq for item in batch if item.completes_prompt]
-        grammar_mask = self.grammar_bitmasks.start(seqs)  # filled while the model runs
-        logits = self.run(inputs)
+        filling = self.grammar_bitmasks.start(seqs)  # while the model runs
+        try:
+            logits = self.run(inputs)
+        finally:
+            grammar_mask = filling and filling.result()  # the matchers are free again before anything else moves
         if logits is None:
             return SampledStep()
-        return self._sample(logits, seqs, grammar_mask and grammar_mask.result())
+        return self._sample(logits, seqs, grammar_mask)
 
     def _assign_lora_slots(self, batch: list[ScheduledSeq]) -> tuple[torch.Tensor, list[tuple[int, LoRARequest]]]:
         """Each sequence's LoRA slot, loading adapters into slots as needed; and the loads, for the other ranks."""
