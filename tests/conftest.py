@@ -193,6 +193,23 @@ def torchserve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedModel
         yield ServedModel(server, "smollm2", "1.0")
 
 
+@pytest.fixture(scope="session")
+def openai_client(torchserve: ServedModel) -> Any:
+    """The real openai client on the session's TorchServe (no retries, so a failure shows at once)."""
+    import openai
+
+    return openai.OpenAI(base_url=torchserve.openai_base_url, api_key="unused", max_retries=0, timeout=300)
+
+
+@pytest.fixture
+def served_blocks_free(torchserve: ServedModel) -> Iterator[None]:
+    """After the test, the session's TorchServe has no live request and every KV block free."""
+    from ts_http import wait_all_blocks_free
+
+    yield
+    wait_all_blocks_free(torchserve.management_url, torchserve.model_name, torchserve.model_version)
+
+
 @dataclass
 class PluginServer:
     """One TorchServe serving the plugin tests' models (tests/ts_server.py's plugin_model_configs), version 1.0."""
