@@ -119,7 +119,7 @@ def test_a_conversation_with_a_call_and_its_result_gets_an_answer(openai_client:
     asked = chat(openai_client, torchserve.model_name, messages=QUESTION, tools=TOOLS, tool_choice=forced,
                  max_tokens=60).choices[0].message
     result = {"role": "tool", "tool_call_id": asked.tool_calls[0].id, "content": '{"temperature": 21, "sky": "clear"}'}
-    history = [*QUESTION, asked.model_dump(exclude_none=True), result]
+    history = [*QUESTION, asked, result]  # the reply's message object, as the openai client sends it back
     answer = chat(openai_client, torchserve.model_name, messages=history, tools=TOOLS, max_tokens=40).choices[0]
     assert answer.message.content and answer.message.tool_calls is None
     assert answer.finish_reason in ("stop", "length")
