@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Optional
 
-from handler.tool_calls.json_scan import WHITESPACE, NotJSON, ObjectScan, scan_object, skip_space
+from handler.tool_calls.json_scan import WHITESPACE, NotJSON, ObjectScan, ObjectScanner, skip_space
 
 
 @dataclass
@@ -57,11 +57,12 @@ class _CallObject:
         self.arguments_keys = arguments_keys
         self.started = False
         self.sent = 0  # characters of the arguments' text sent so far
+        self.scanner = ObjectScanner()
 
     def read(self, text: str) -> tuple[list[CallDelta], Optional[int]]:
         """What `text` (the object from its '{', as far as it has come) adds, and the object's end once complete.
         Raises NotJSON when it is not a call; an object complete before its call started is checked whole first."""
-        scan = scan_object(text)
+        scan = self.scanner.scan(text)
         if scan.end is not None and not self.started:
             self._check_whole(text[:scan.end])
         return self._start(text, scan) + self._arguments(text, scan), scan.end
@@ -273,25 +274,22 @@ class _CallSequenceParser(ToolCallParser):
         try:
             calls, end = self._read_object(self.call, self.buffer)
         except NotJSON:
-            return self._not_a_call(delta)
+            return self._not_a_call()
         delta.calls += calls
         if end is None:
-            return self._cut_off(delta) if final else False
+            return self._not_a_call() if final else False
         self.buffer, self.call = self.buffer[end:], None
         return True
 
-    def _not_a_call(self, delta: ParsedDelta) -> bool:
-        """Text that is not a call is content: all of the output if no call came before it. What follows a call
-        that started and broke off is dropped."""
+    def _not_a_call(self) -> bool:
+        """Text that is not a call (or a call cut off before its name) is content: all of the output if no call
+        came before it. What follows a call that started and broke off (or was cut off) is dropped."""
         if self.call.started:
             self.buffer = ""
         elif self.call.index == 0:
             self.buffer = self.received
         self.mode, self.call = "content", None
         return True
-
-    def _cut_off(self, delta: ParsedDelta) -> bool:
-        return self._not_a_call(delta)
 
     def _end(self, delta: ParsedDelta) -> bool:
         """The output ended between calls: with no call at all, it was content."""
