@@ -19,6 +19,7 @@ import yaml
 
 from engine.config import EngineConfig
 from engine.loader import resolve_model
+from handler.chat_template import is_template_file, read_chat_template
 from handler.config import handler_config
 
 HANDLER = "handler.llm_handler"
@@ -89,10 +90,12 @@ def build_archive(
     """Write `export_dir/NAME-VERSION` (a folder) or `NAME-VERSION.mar`, replacing an older one.
 
     `config["handler"]["model"]` names the weights (None: the embedded SmolLM2). They are referenced by absolute
-    path, or with `weights_inside` copied into the archive and referenced relative to the model dir.
+    path, or with `weights_inside` copied into the archive and referenced relative to the model dir. A chat template
+    file named by absolute path is written into the archive's YAML as its text.
     """
     if archive_format not in ARCHIVE_FORMATS:
         raise ValueError(f"archive_format must be one of {ARCHIVE_FORMATS}, got {archive_format!r}")
+    config = _with_template_text(config)
     model = (config.get("handler") or {}).get("model")
     weights = resolve_model(model).path.resolve() if model is not None or weights_inside else None
     if weights is not None:
@@ -107,6 +110,14 @@ def build_archive(
         _remove(target)
         built.rename(target)
     return target
+
+
+def _with_template_text(config: dict[str, Any]) -> dict[str, Any]:
+    handler = config.get("handler") or {}
+    template = handler.get("chat_template")
+    if not isinstance(template, str) or not is_template_file(template) or not Path(template).expanduser().is_absolute():
+        return config
+    return {**config, "handler": {**handler, "chat_template": read_chat_template(template)}}
 
 
 def _run_archiver(

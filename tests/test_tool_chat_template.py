@@ -9,8 +9,9 @@ from typing import Any
 
 import pytest
 
-from handler.config import HandlerConfig, handler_config
+from handler.config import HandlerConfig, handler_config, read_model_yaml
 from handler.launcher import DEFAULT_CONFIG, base_config
+from handler.model_store import CONFIG_FILE, build_archive
 from handler.tool_calls.parsers import HermesToolParser, ToolCall
 
 TEMPLATE_FILE = DEFAULT_CONFIG.parent / "chat_templates" / "smollm2_tools.jinja"
@@ -99,3 +100,10 @@ def test_chat_template_is_a_file_in_the_model_folder_or_the_template_itself(tmp_
         HandlerConfig.from_dict({"chat_template": "../elsewhere.jinja"}, str(tmp_path))
     with pytest.raises(ValueError, match="handler.tool_call_parser must be one of hermes, llama3_json"):
         HandlerConfig.from_dict({"tool_call_parser": "mistral"})
+
+
+def test_an_archive_holds_the_template_s_text_not_the_path_of_its_file(tmp_path: Path) -> None:
+    folder = build_archive("smollm2", "1.0", base_config(None), tmp_path)
+    archived = read_model_yaml(str(folder / CONFIG_FILE))["handler"]
+    assert archived["chat_template"] == TEMPLATE_FILE.read_text()
+    assert handler_config({"handler": archived}, str(folder)).chat_template == TEMPLATE_FILE.read_text()
