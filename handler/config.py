@@ -11,7 +11,7 @@ from typing import Any, Optional
 import yaml
 
 from engine.config import EngineConfig
-from handler.chat_template import is_template_file, read_chat_template
+from handler.chat_template import is_template_file
 from handler.model_paths import path_in_model_dir
 from handler.plugins import Plugin, load_plugins
 from handler.plugins.pipeline import plugin_class
@@ -40,7 +40,7 @@ class HandlerConfig:
 
     model: Optional[str] = None
     served_model_name: Optional[str] = None
-    chat_template: Optional[str] = None  # the template's text (the YAML may name a file)
+    chat_template: Optional[str] = None  # the template's text, or its file's path (handler.chat_template)
     tool_call_parser: str = "hermes"  # how the model writes its own tool calls: a key of TOOL_CALL_PARSERS
     engine: EngineConfig = field(default_factory=EngineConfig)
     limits: RequestLimits = field(default_factory=RequestLimits)
@@ -60,7 +60,7 @@ class HandlerConfig:
             if value is not None and (not isinstance(value, str) or not value):
                 raise ValueError(f"handler.{name} must be a non-empty string, got {value!r}")
         model = path_in_model_dir("handler.model", model, model_dir)
-        chat_template = read_chat_template(_template_in_model_dir(section.get("chat_template"), model_dir))
+        chat_template = _template_in_model_dir(section.get("chat_template"), model_dir)
         lora_modules = _lora_modules(section.get("lora_modules") or {}, model_dir)
         engine = EngineConfig.from_dict({**_lora_enabled(engine_values, lora_modules), "model": model})
         limits = RequestLimits.from_dict(_mapping("handler.limits", section.get("limits") or {}))

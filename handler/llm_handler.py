@@ -21,6 +21,7 @@ from ts.protocol.otf_message_handler import create_predict_response
 from engine import AsyncLLMEngine, EngineConfig, EngineDeadError
 from engine.loader import default_model_path, resolve_model
 from engine.tokenizer import load_tokenizer
+from handler.chat_template import read_chat_template
 from handler.config import HandlerConfig, handler_config
 from handler.embedding_serving import EmbeddingServing
 from handler.json_body import request_body
@@ -67,7 +68,7 @@ class LLMHandler:
             served_model_name,
             version,
             config.model or str(default_model_path()),
-            config.chat_template,
+            read_chat_template(config.chat_template),
             config.limits,
             float(ctx.model_yaml_config.get("responseTimeout", DEFAULT_RESPONSE_TIMEOUT_S)),
             pipeline,

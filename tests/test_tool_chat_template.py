@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from handler.chat_template import read_chat_template
 from handler.config import HandlerConfig, handler_config, read_model_yaml
 from handler.launcher import DEFAULT_CONFIG, base_config
 from handler.model_store import CONFIG_FILE, build_archive
@@ -84,7 +85,7 @@ def test_calls_and_results_render_as_blocks_the_hermes_parser_reads_back(tokeniz
 
 def test_the_default_model_config_serves_this_template_with_the_hermes_parser() -> None:
     config = handler_config(base_config(None))
-    assert config.chat_template == TEMPLATE_FILE.read_text()
+    assert read_chat_template(config.chat_template) == TEMPLATE_FILE.read_text()
     assert config.tool_call_parser == "hermes"
 
 
@@ -92,10 +93,12 @@ def test_chat_template_is_a_file_in_the_model_folder_or_the_template_itself(tmp_
     (tmp_path / "templates").mkdir()
     (tmp_path / "templates" / "mine.jinja").write_text("{{ messages[0]['content'] }}")
     in_folder = HandlerConfig.from_dict({"chat_template": "templates/mine.jinja"}, str(tmp_path))
-    assert in_folder.chat_template == "{{ messages[0]['content'] }}"
-    assert HandlerConfig.from_dict({"chat_template": "{{ 'inline' }}"}).chat_template == "{{ 'inline' }}"
+    assert read_chat_template(in_folder.chat_template) == "{{ messages[0]['content'] }}"
+    assert read_chat_template(HandlerConfig.from_dict({"chat_template": "{{ 'inline' }}"}).chat_template) == (
+        "{{ 'inline' }}")
+    missing = HandlerConfig.from_dict({"chat_template": "templates/missing.jinja"}, str(tmp_path))
     with pytest.raises(ValueError, match="handler.chat_template: cannot read the template file"):
-        HandlerConfig.from_dict({"chat_template": "templates/missing.jinja"}, str(tmp_path))
+        read_chat_template(missing.chat_template)
     with pytest.raises(ValueError, match="leaves the model folder"):
         HandlerConfig.from_dict({"chat_template": "../elsewhere.jinja"}, str(tmp_path))
     with pytest.raises(ValueError, match="handler.tool_call_parser must be one of hermes, llama3_json"):
@@ -106,4 +109,4 @@ def test_an_archive_holds_the_template_s_text_not_the_path_of_its_file(tmp_path:
     folder = build_archive("smollm2", "1.0", base_config(None), tmp_path)
     archived = read_model_yaml(str(folder / CONFIG_FILE))["handler"]
     assert archived["chat_template"] == TEMPLATE_FILE.read_text()
-    assert handler_config({"handler": archived}, str(folder)).chat_template == TEMPLATE_FILE.read_text()
+    assert handler_config({"handler": archived}, str(folder)).chat_template == archived["chat_template"]
