@@ -47,6 +47,7 @@ def test_hermes_text_without_calls_is_all_content() -> None:
     '<tool_call>\n{"name": "f", "arguments": "not an object"}\n</tool_call>',
     '<tool_call>\n{"name": "f", "arguments": {"a": 1}\n</tool_call>',  # the closing brace missing
     '<tool_call>\n{"name": "get_w',  # cut off by max_tokens
+    '<tool_call>\n{"name": "f", "arguments": ' + "[" * 100_000 + "]" * 100_000 + "}\n</tool_call>",  # too deep
 ])
 def test_hermes_malformed_block_stays_content_when_parsed_whole(block: str) -> None:
     text = f"Before.\n{block}\nAfter."

@@ -107,6 +107,8 @@ def test_a_conversation_with_calls_and_results_is_shaped_for_the_template() -> N
      "messages[1].tool_calls[0].function.arguments"),
     ({"role": "assistant", "tool_calls": [{**CALL, "function": {"name": "f", "arguments": "[1]"}}]},
      "messages[1].tool_calls[0].function.arguments"),
+    ({"role": "assistant", "tool_calls": [{**CALL, "function": {"name": "f", "arguments": "[" * 100_000}}]},
+     "messages[1].tool_calls[0].function.arguments"),
     ({"role": "user", "content": "Hi", "tool_calls": [CALL]}, "messages[1]"),
     ({"role": "assistant", "content": "Hi", "tool_call_id": "call_1"}, "messages[1]"),
 ])

@@ -49,7 +49,7 @@ def _arguments(where: str, arguments: Any) -> dict[str, Any]:
     """A call's arguments, sent as the JSON text of an object."""
     try:
         value = json.loads(arguments) if isinstance(arguments, str) else None
-    except ValueError:
+    except (ValueError, RecursionError):
         value = None
     if not isinstance(value, dict):
         raise APIError(f"{where} must be the JSON text of an object, got {arguments!r:.80}", param=where)

@@ -70,7 +70,7 @@ class _CallObject:
     def _check_whole(self, text: str) -> None:
         try:
             call = json.loads(text)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # nesting deeper than json's recursion is not a call either
             raise NotJSON(str(exc)) from None
         arguments = next((call[key] for key in self.arguments_keys if key in call), {})
         if not isinstance(call.get("name"), str) or not call["name"] or not isinstance(arguments, dict):
