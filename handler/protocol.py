@@ -16,6 +16,8 @@ from handler.tool_calls.request import ChatTools, parse_tools
 Prompt = Union[str, list[int]]
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 MESSAGE_KEYS = {"assistant": ("role", "content", "name", "tool_calls"), "tool": ("role", "content", "tool_call_id")}
+# Fields of an assistant message in a reply: a client that sends a reply back in the conversation sends them too.
+REPLY_ONLY_KEYS = ("refusal", "annotations", "audio", "function_call", "reasoning_content")
 TOKEN_ID_KEY = re.compile(r"[0-9]{1,12}", re.ASCII)  # a logit_bias key
 
 
@@ -354,6 +356,8 @@ def _message(index: int, message: Any) -> dict[str, Any]:
     role = message.get("role")
     if role not in CHAT_ROLES:
         raise APIError(f"{where}.role must be one of {', '.join(CHAT_ROLES)}, got {role!r}", param=f"{where}.role")
+    if role == "assistant":
+        message = {key: value for key, value in message.items() if key not in REPLY_ONLY_KEYS or value}
     unknown = sorted(set(message) - set(MESSAGE_KEYS.get(role, ("role", "content", "name"))))
     if unknown:
         raise APIError(f"{where}: unsupported field(s) {', '.join(unknown)}", param=where)

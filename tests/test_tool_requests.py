@@ -98,7 +98,15 @@ def test_a_conversation_with_calls_and_results_is_shaped_for_the_template() -> N
                           {"role": "assistant", "content": "", "tool_calls": [call]}]
 
 
+def test_an_assistant_reply_sent_back_as_it_came_is_accepted() -> None:
+    reply = {"role": "assistant", "content": None, "tool_calls": [CALL], "refusal": None, "annotations": [],
+             "audio": None, "function_call": None}
+    parsed = parse_chat_request({"messages": [*CHAT, reply]}, RequestLimits()).messages
+    assert parsed[1]["tool_calls"][0]["function"]["name"] == "get_weather"
+
+
 @pytest.mark.parametrize("message, param", [
+    ({"role": "assistant", "content": "Hi", "refusal": "I cannot"}, "messages[1]"),
     ({"role": "tool", "content": "22 C"}, "messages[1].tool_call_id"),
     ({"role": "tool", "tool_call_id": "call_1"}, "messages[1].content"),
     ({"role": "assistant", "tool_calls": []}, "messages[1].tool_calls"),
