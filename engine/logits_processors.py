@@ -17,6 +17,9 @@ from engine.sequence import Sequence
 
 
 class LogitsProcessor(ABC):
+    # True if it may set logits to -inf: a step it applies to then checks that every row keeps a token to sample.
+    may_ban_tokens = True
+
     @abstractmethod
     def applies_to(self, seq: Sequence) -> bool:
         """True if this processor may change the sequence's row: a step where it applies to no row skips it, and a
@@ -29,6 +32,8 @@ class LogitsProcessor(ABC):
 
 class LogitBias(LogitsProcessor):
     """OpenAI's logit_bias: each listed token's logit plus its bias."""
+
+    may_ban_tokens = False
 
     def applies_to(self, seq: Sequence) -> bool:
         return bool(seq.params.logit_bias)

@@ -52,12 +52,13 @@ class Sampler:
         allowed = _allowed_mask(seqs, self.vocab_size, logits.device)
         if allowed is not None:
             logits.masked_fill_(~allowed, float("-inf"))
-        self._apply_processors(logits, seqs)
+        banning = self._apply_processors(logits, seqs)
         logits = self._apply_penalties(logits, seqs)
         logits = self._apply_min_tokens(logits, seqs)
         if grammar_mask is not None:
             grammar_mask.apply(logits)
-        _check_some_token_left(logits, seqs)
+        if banning or (grammar_mask is not None and allowed is not None):  # bans from two sources may cover a row
+            _check_some_token_left(logits, seqs)
         if all(s.params.greedy for s in seqs):
             token_ids = logits.argmax(dim=-1)
         else:
@@ -72,10 +73,14 @@ class Sampler:
         processed = any(processor.applies_to(seq) for processor in self.processors)
         return p.greedy and p.logprobs is None and unchanged and not processed and seq.grammar is None
 
-    def _apply_processors(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
+    def _apply_processors(self, logits: torch.Tensor, seqs: list[Sequence]) -> bool:
+        """Run the processors that apply to some row; True if one of them may have banned tokens."""
+        banning = False
         for processor in self.processors:
             if any(processor.applies_to(seq) for seq in seqs):
                 processor.apply(logits, seqs)
+                banning = banning or processor.may_ban_tokens
+        return banning
 
     def _apply_penalties(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         rows = [i for i, s in enumerate(seqs) if _has_penalty(s)]

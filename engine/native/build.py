@@ -21,7 +21,10 @@ import torch
 logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = ("paged_attention.cpp", "elementwise.cpp", "gemv.cpp", "lora.cpp", "decoder_stack.cpp", "registration.cpp")
+SOURCES = (
+    "paged_attention.cpp", "elementwise.cpp", "gemv.cpp", "lora.cpp", "token_bitmask.cpp", "decoder_stack.cpp",
+    "registration.cpp",
+)
 CAPABILITY_FLAGS = {
     "AVX512": ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512", "-mavx512f", "-mavx512bw", "-mavx512vl",
                "-mavx512dq", "-mfma"],

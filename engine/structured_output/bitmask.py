@@ -8,8 +8,12 @@ from typing import TYPE_CHECKING, Optional
 import torch
 import xgrammar
 
+from engine.native.build import native_error
+
 if TYPE_CHECKING:
     from engine.sequence import Sequence
+
+BIT_SHIFTS = torch.arange(8, dtype=torch.uint8)
 
 
 @dataclass
@@ -20,13 +24,29 @@ class GrammarMask:
     rows: list[int]
 
     def apply(self, logits: torch.Tensor) -> None:
-        """Set every token a constrained row's grammar forbids to -inf, in place; other rows stay as they are."""
-        bitmask = self.bitmask.to(logits.device, non_blocking=True)
-        xgrammar.apply_token_bitmask_inplace(logits, bitmask, vocab_size=logits.shape[1], indices=self.rows)
+        """Set every token a constrained row's grammar forbids to -inf, in place (float32 logits); other rows stay
+        as they are. On CUDA xgrammar's kernel does it, on the CPU the native kernel, else the PyTorch reference."""
+        if logits.device.type == "cuda":
+            bitmask = self.bitmask.to(logits.device, non_blocking=True)
+            xgrammar.apply_token_bitmask_inplace(logits, bitmask, vocab_size=logits.shape[1], indices=self.rows)
+        elif logits.device.type == "cpu" and native_error() is None:
+            torch.ops.pagedserve.apply_token_bitmask_(logits, self.bitmask, torch.tensor(self.rows))
+        else:
+            apply_token_bitmask(logits, self.bitmask.to(logits.device), self.rows)
 
     def row(self, row: int) -> Optional["GrammarMask"]:
         """The mask of one row alone, for a logits tensor of that row only; None if the row is unconstrained."""
         return GrammarMask(self.bitmask[row : row + 1], [0]) if row in self.rows else None
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
+    """The reference: logits[row, j] = -inf in each of `rows` where bit j of bitmask[row] (int32 words, bit j of word
+    w is token 32 w + j) is clear."""
+    index = torch.tensor(rows, device=logits.device)
+    as_bytes = bitmask[index].view(torch.uint8)  # little-endian: token 8 k + b is bit b of byte k
+    bits = (as_bytes.unsqueeze(-1) >> BIT_SHIFTS.to(logits.device)) & 1
+    banned = bits.view(len(rows), -1)[:, : logits.shape[1]] == 0
+    logits[index] = logits[index].masked_fill(banned, float("-inf"))
 
 
 class GrammarBitmasks:

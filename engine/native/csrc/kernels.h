@@ -44,4 +44,8 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& codes, const at::Ten
 void lora_(at::Tensor& out, const at::Tensor& x, const at::Tensor& a, const at::Tensor& b,
            const at::Tensor& token_slots, at::IntArrayRef part_ends);
 
+// In each of `rows`, logits [rows, vocab] float32 set to -inf wherever bitmask [rows, ceil(vocab / 32)] int32 has a
+// clear bit (bit j of word w is token 32 w + j): a step's grammar masks (engine/structured_output/bitmask.py).
+void apply_token_bitmask_(at::Tensor& logits, const at::Tensor& bitmask, const at::Tensor& rows);
+
 }  // namespace pagedserve

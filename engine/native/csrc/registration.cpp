@@ -17,6 +17,7 @@ TORCH_LIBRARY(pagedserve, m) {
   m.def("gemv(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("int8_gemv(Tensor x, Tensor codes, Tensor scales, Tensor? bias) -> Tensor");
   m.def("lora_(Tensor(a!) out, Tensor x, Tensor a, Tensor b, Tensor token_slots, int[] part_ends) -> ()");
+  m.def("apply_token_bitmask_(Tensor(a!) logits, Tensor bitmask, Tensor rows) -> ()");
   m.class_<pagedserve::DecoderStack>("DecoderStack")
       .def(torch::init<std::vector<at::Tensor>, at::Tensor, int64_t, int64_t, int64_t, double, int64_t>())
       .def("forward", &pagedserve::DecoderStack::forward);
@@ -31,4 +32,5 @@ TORCH_LIBRARY_IMPL(pagedserve, CPU, m) {
   m.impl("gemv", &pagedserve::gemv);
   m.impl("int8_gemv", &pagedserve::int8_gemv);
   m.impl("lora_", &pagedserve::lora_);
+  m.impl("apply_token_bitmask_", &pagedserve::apply_token_bitmask_);
 }
