@@ -17,8 +17,8 @@ from engine.attention.metadata import cache_slots
 from engine.config import EngineConfig
 from engine.cuda_graphs import DecodeGraphs
 from engine.distributed import TPGroup
-from engine.logits_processors import load_logits_processors
 from engine.kv_scales import CALIBRATION_TOKENS, calibration_token_ids, recording_kv_amax, scale_for
+from engine.logits_processors import load_logits_processors
 from engine.lora.cache import AdapterCache
 from engine.lora.request import LoRARequest
 from engine.lora.slots import LoRASlots

@@ -127,7 +127,8 @@ def _check_some_token_left(logits: torch.Tensor, seqs: list[Sequence]) -> None:
     if len(empty):
         seq = seqs[int(empty[0])]
         raise ValueError(f"no token may follow output token {seq.num_output_tokens} of request "
-                         f"{seq.request.request_id!r}: its allowed_token_ids, logits processors and grammar ban them all")
+                         f"{seq.request.request_id!r}: its allowed_token_ids, logits processors and grammar ban "
+                         "them all")
 
 
 def _has_penalty(seq: Sequence) -> bool:
