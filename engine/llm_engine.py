@@ -5,7 +5,7 @@ import logging
 import sys
 import time
 from collections import Counter
-from typing import Callable, Optional, Union
+from typing import TYPE_CHECKING, Callable, Optional, Union
 
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
@@ -24,11 +24,13 @@ from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledSeq, Scheduler
 from engine.sequence import Request, Sequence
-from engine.structured_output.grammar import Grammar, GrammarCompiler
 from engine.structured_output.params import StructuredOutputsParams
 from engine.tokenizer import load_tokenizer
 from engine.tp_workers import TPWorkers
 from engine.worker import Worker
+
+if TYPE_CHECKING:
+    from engine.structured_output.grammar import Grammar, GrammarCompiler
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +73,7 @@ class LLMEngine:
             self.scheduler, self.block_manager, Detokenizer(self.tokenizer), self.eos_token_ids, self.max_model_len)
         self.requests = self.output.requests  # the live requests, by id
         self.counters = self.output.counters
-        self.grammars: Optional[GrammarCompiler] = None  # made at the first structured_outputs request
+        self.grammars: Optional["GrammarCompiler"] = None  # made at the first structured_outputs request
 
     def _start_ranks(self, source: ModelSource, model_max_len: int) -> ModelRunner:
         """Rank 0's runner, with ranks 1..N-1 started in their own processes; nothing left running on failure."""
@@ -109,11 +111,13 @@ class LLMEngine:
         grammar = None if params.structured_outputs is None else self._grammar(params.structured_outputs)
         return Request(request_id, prompt_text, token_ids, params, timeout, lora, grammar)
 
-    def _grammar(self, structured_outputs: StructuredOutputsParams) -> Grammar:
+    def _grammar(self, structured_outputs: StructuredOutputsParams) -> "Grammar":
         """The constraint compiled (or taken from the cache); ValueError if it does not compile."""
         if self.tokenizer is None:
             raise ValueError("structured_outputs: this model has no tokenizer to build grammars over")
         if self.grammars is None:
+            from engine.structured_output.grammar import GrammarCompiler  # imports xgrammar: most of a second
+
             config = self.model_config
             self.grammars = GrammarCompiler(self.tokenizer, config.vocab_size, config.eos_token_ids)
         return self.grammars.compile(structured_outputs)

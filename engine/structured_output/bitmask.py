@@ -1,4 +1,6 @@
-"""A step's token bitmask for its constrained sequences, filled on a thread while the model runs."""
+"""A step's token bitmask for its constrained sequences, filled on a thread while the model runs.
+
+xgrammar is imported on first use: it takes most of a second, which only engines that serve a constraint pay."""
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -6,11 +8,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
 import torch
-import xgrammar
 
 from engine.native.build import native_error
 
 if TYPE_CHECKING:
+    import xgrammar
+
     from engine.sequence import Sequence
 
 BIT_SHIFTS = torch.arange(8, dtype=torch.uint8)
@@ -27,6 +30,8 @@ class GrammarMask:
         """Set every token a constrained row's grammar forbids to -inf, in place (float32 logits); other rows stay
         as they are. On CUDA xgrammar's kernel does it, on the CPU the native kernel, else the PyTorch reference."""
         if logits.device.type == "cuda":
+            import xgrammar
+
             bitmask = self.bitmask.to(logits.device, non_blocking=True)
             xgrammar.apply_token_bitmask_inplace(logits, bitmask, vocab_size=logits.shape[1], indices=self.rows)
         elif logits.device.type == "cpu" and native_error() is None:
@@ -53,8 +58,8 @@ class GrammarBitmasks:
     """Fills the bitmask of a step's sampled sequences from their matchers, in the background."""
 
     def __init__(self, vocab_size: int, max_rows: int) -> None:
-        self.bitmask = xgrammar.allocate_token_bitmask(max_rows, vocab_size)
-        self.matchers = xgrammar.BatchGrammarMatcher(max_threads=1)
+        self.bitmask = torch.full((max_rows, (vocab_size + 31) // 32), -1, dtype=torch.int32)  # xgrammar's layout
+        self.matchers: Optional["xgrammar.BatchGrammarMatcher"] = None  # made by the first fill
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="grammar-bitmask")
 
     def start(self, seqs: list["Sequence"]) -> Optional[Future[GrammarMask]]:
@@ -64,7 +69,11 @@ class GrammarBitmasks:
             return None
         return self.executor.submit(self._fill, [seqs[row].grammar for row in rows], rows)
 
-    def _fill(self, matchers: list[xgrammar.GrammarMatcher], rows: list[int]) -> GrammarMask:
+    def _fill(self, matchers: list["xgrammar.GrammarMatcher"], rows: list[int]) -> GrammarMask:
+        if self.matchers is None:
+            import xgrammar
+
+            self.matchers = xgrammar.BatchGrammarMatcher(max_threads=1)
         bitmask = self.bitmask[: rows[-1] + 1]
         self.matchers.batch_fill_next_token_bitmask(matchers, bitmask, indices=rows)
         return GrammarMask(bitmask, rows)
