@@ -173,3 +173,14 @@ def test_grammars_compile_once_per_constraint_in_a_bounded_lru(alone_llm: Any) -
     compiler.compile(StructuredOutputsParams(regex=PHONE))
     compiler.compile(StructuredOutputsParams(choice=CHOICES))
     assert compiler.compile(StructuredOutputsParams(json=PERSON_SCHEMA)) is not first, "the LRU kept 3 of 2"
+
+
+def test_tensor_parallel_ranks_give_the_constrained_outputs_of_one_rank(tiny_model: Any, llm_factory: Any) -> None:
+    """Rank 0 alone holds the grammars and samples; the engines are test_tensor_parallel's (same settings)."""
+    settings = {"num_kv_blocks": 128, "dtype": "float32"}
+    prompts = random_prompts(6, 10, 40, seed=13)
+    params = [constrained(kind, temperature=0.0, max_tokens=32) for kind in
+              (dict(json=PERSON_SCHEMA), dict(regex=PHONE), dict(choice=CHOICES))] * 2
+    expected = token_ids(llm_factory(tiny_model("llama"), **settings).generate(prompts, params))
+    tp2 = llm_factory(tiny_model("llama"), tensor_parallel_size=2, **settings)
+    assert token_ids(tp2.generate(prompts, params)) == expected
