@@ -17,6 +17,7 @@ from engine.metrics import EngineStats, StatLogger
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.sequence import Request
+from engine.structured_output.params import StructuredOutputsParams
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +126,11 @@ class AsyncLLMEngine:
         `timeout` seconds from now is aborted, and its stream raises RequestTimeoutError. With `lora_request` it
         runs with that adapter (LLMEngine.make_request)."""
         return self.engine.make_request(request_id, prompt, params, timeout, lora_request)
+
+    async def compile_grammar(self, structured_outputs: StructuredOutputsParams) -> None:
+        """Compile a constraint into the engine's cache on a thread, so that a long compile holds up no other request
+        of the event loop; make_request then finds it compiled. ValueError if it does not compile."""
+        await asyncio.to_thread(self.engine.compile_grammar, structured_outputs)
 
     async def generate(
         self, request_id: str, prompt: Prompt, params: Optional[SamplingParams] = None, timeout: Optional[float] = None,

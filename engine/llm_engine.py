@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 import time
 from collections import Counter
 from typing import TYPE_CHECKING, Callable, Optional, Union
@@ -74,6 +75,7 @@ class LLMEngine:
         self.requests = self.output.requests  # the live requests, by id
         self.counters = self.output.counters
         self.grammars: Optional["GrammarCompiler"] = None  # made at the first structured_outputs request
+        self.grammars_lock = threading.Lock()
 
     def _start_ranks(self, source: ModelSource, model_max_len: int) -> ModelRunner:
         """Rank 0's runner, with ranks 1..N-1 started in their own processes; nothing left running on failure."""
@@ -108,18 +110,20 @@ class LLMEngine:
         prompt_text, token_ids = self._tokenize(prompt)
         self._check_length(len(token_ids), params)
         lora = None if lora_request is None else self._adapter(lora_request)
-        grammar = None if params.structured_outputs is None else self._grammar(params.structured_outputs)
+        grammar = None if params.structured_outputs is None else self.compile_grammar(params.structured_outputs)
         return Request(request_id, prompt_text, token_ids, params, timeout, lora, grammar)
 
-    def _grammar(self, structured_outputs: StructuredOutputsParams) -> "Grammar":
-        """The constraint compiled (or taken from the cache); ValueError if it does not compile."""
+    def compile_grammar(self, structured_outputs: StructuredOutputsParams) -> "Grammar":
+        """The constraint compiled, or taken from the cache; ValueError if it does not compile. Thread-safe: a caller
+        may compile ahead on another thread, and make_request then finds it cached."""
         if self.tokenizer is None:
             raise ValueError("structured_outputs: this model has no tokenizer to build grammars over")
-        if self.grammars is None:
-            from engine.structured_output.grammar import GrammarCompiler  # imports xgrammar: most of a second
+        with self.grammars_lock:
+            if self.grammars is None:
+                from engine.structured_output.grammar import GrammarCompiler  # imports xgrammar: most of a second
 
-            config = self.model_config
-            self.grammars = GrammarCompiler(self.tokenizer, config.vocab_size, config.eos_token_ids)
+                config = self.model_config
+                self.grammars = GrammarCompiler(self.tokenizer, config.vocab_size, config.eos_token_ids)
         return self.grammars.compile(structured_outputs)
 
     def add_lora(self, lora_request: LoRARequest) -> None:

@@ -139,10 +139,25 @@ class OpenAIServing:
         self, request: Union[CompletionRequest, ChatRequest], request_id: str
     ) -> tuple[PluginRequest, Optional[PluginReply], Optional[LoRARequest]]:
         """The request as the plugins left it, a plugin's reply if one answered, and the LoRA adapter its `model`
-        names; a request for a model this endpoint does not serve is refused before any plugin spends time on it."""
+        names; a request for a model this endpoint does not serve is refused before any plugin spends time on it.
+        Unless a plugin answered, the request's output constraint is compiled by then."""
         lora = await self.adapters.resolve(request.model)
         plugged = PluginRequest(request_id, request)
-        return plugged, await self.pipeline.before(plugged), lora
+        reply = await self.pipeline.before(plugged)
+        if reply is None:
+            await self._compile_constraint(plugged.body)
+        return plugged, reply, lora
+
+    async def _compile_constraint(self, request: Union[CompletionRequest, ChatRequest]) -> None:
+        """Compile the output constraint on a thread: a long compile holds up no other request of this worker, and
+        make_request finds it compiled."""
+        constraint = request.params.structured_outputs
+        if constraint is None:
+            return
+        try:
+            await self.engine.compile_grammar(constraint)
+        except ValueError as exc:
+            raise _refused(str(exc), "prompt", request.constraint_source) from None
 
     def _start(
         self, call_id: str, object_name: str, plugged: PluginRequest, prompts: list[Any], what: str,

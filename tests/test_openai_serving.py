@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from typing import Any, Iterator
 
 import pytest
@@ -65,3 +66,28 @@ def _wait_idle(engine: AsyncLLMEngine, timeout: float = 10.0) -> None:
             await asyncio.sleep(0.01)
 
     asyncio.run(asyncio.wait_for(wait(), timeout))
+
+
+def test_a_constraint_is_compiled_off_the_event_loop_then_found_cached(
+        engine: AsyncLLMEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    compile_grammar = engine.engine.compile_grammar
+    calls: list[tuple[threading.Thread, Any]] = []
+
+    def recording(constraint: Any) -> Any:
+        calls.append((threading.current_thread(), compile_grammar(constraint)))
+        return calls[-1][1]
+
+    monkeypatch.setattr(engine.engine, "compile_grammar", recording)
+    body = {"prompt": [5, 6, 7], "max_tokens": 8, "structured_outputs": {"regex": "[a-z]{2,4}"}}
+    reply = asyncio.run(_serving(engine).create_completion(body, "compiled"))
+    (compiling_thread, compiled), (_, found) = calls
+    assert compiling_thread is not threading.main_thread() and found is compiled
+    assert reply["choices"][0]["finish_reason"] == "stop"
+
+
+def test_a_constraint_that_does_not_compile_is_refused_off_the_loop_naming_its_field(engine: AsyncLLMEngine) -> None:
+    body = {"prompt": [5, 6, 7], "max_tokens": 8, "guided_regex": "(unclosed"}
+    with pytest.raises(APIError, match="^guided_regex: invalid regex") as caught:
+        asyncio.run(_serving(engine).create_completion(body, "uncompiled"))
+    assert (caught.value.status, caught.value.param) == (400, "guided_regex")
+    assert not engine.engine.has_unfinished_requests()

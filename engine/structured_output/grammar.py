@@ -36,13 +36,16 @@ class GrammarCompiler:
 
     def compile(self, params: StructuredOutputsParams) -> Grammar:
         """The grammar of `params`, compiled on first use; ValueError `structured_outputs.<kind>: ...` if it does not
-        compile."""
+        compile. The lock guards the cache only, so one thread's long compile holds up no other thread."""
         key = (params.kind, params.spec)
         with self.lock:
             grammar = self.cache.get(key)
-            if grammar is None:
-                grammar = self.cache[key] = Grammar(self._compile(params))
-            self.cache.move_to_end(key)
+            if grammar is not None:
+                self.cache.move_to_end(key)
+                return grammar
+        grammar = Grammar(self._compile(params))
+        with self.lock:
+            self.cache[key] = grammar
             while len(self.cache) > self.cache_size:
                 self.cache.popitem(last=False)
         return grammar
