@@ -164,8 +164,8 @@ def _check_parallel(config: dict[str, Any]) -> None:
 
 def with_absolute_paths(config: dict[str, Any], folder: Path) -> dict[str, Any]:
     """`config` with the relative paths of `handler.embedding_model`, `handler.chat_template` (a file),
-    `handler.lora_modules` and of the plugins' path options made absolute from `folder`: a YAML outside a model folder (the launcher's --config) means paths
-    beside itself."""
+    `handler.lora_modules` and of the plugins' path options made absolute from `folder`: a YAML outside a model
+    folder (the launcher's --config) means paths beside itself."""
     result = copy.deepcopy(config)
     section = result.get("handler") or {}
     if isinstance(section.get("embedding_model"), str):

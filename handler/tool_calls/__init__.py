@@ -1,1 +1,2 @@
-"""Tool calling: the request's tools checked, the calls read from a model's output (whole or streamed), OpenAI's shapes."""
+"""Tool calling: the request's tools checked, the calls read from a model's output (whole or streamed), OpenAI's
+shapes."""
