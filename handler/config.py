@@ -30,7 +30,7 @@ FRONTEND_KEYS = frozenset({
 })
 HANDLER_KEYS = (
     "model", "served_model_name", "chat_template", "tool_call_parser", "engine", "limits", "plugins", "embedding_model",
-    "lora_modules",
+    "lora_modules", "api_key_file",
 )
 
 
@@ -47,6 +47,7 @@ class HandlerConfig:
     plugins: list[Plugin] = field(default_factory=list)  # handler.plugins.pipeline: in the order listed
     embedding_model: Optional[str] = None  # a sentence-transformers folder; None: the packaged all-MiniLM-L6-v2
     lora_modules: dict[str, str] = field(default_factory=dict)  # adapter name -> PEFT folder, loaded at startup
+    api_key_file: Optional[str] = None  # keys, one per line, that every request must send as a Bearer token
 
     @classmethod
     def from_dict(cls, section: dict[str, Any], model_dir: Optional[str] = None) -> "HandlerConfig":
@@ -55,7 +56,7 @@ class HandlerConfig:
         if section.get("model") is not None and engine_values.get("model") is not None:
             raise ValueError("handler.model and handler.engine.model are both set; keep one")
         model = section.get("model", engine_values.pop("model", None))
-        for name in ("model", "served_model_name", "chat_template", "embedding_model"):
+        for name in ("model", "served_model_name", "chat_template", "embedding_model", "api_key_file"):
             value = model if name == "model" else section.get(name)
             if value is not None and (not isinstance(value, str) or not value):
                 raise ValueError(f"handler.{name} must be a non-empty string, got {value!r}")
@@ -66,8 +67,9 @@ class HandlerConfig:
         limits = RequestLimits.from_dict(_mapping("handler.limits", section.get("limits") or {}))
         plugins = load_plugins(section.get("plugins") or [])
         embedding_model = path_in_model_dir("handler.embedding_model", section.get("embedding_model"), model_dir)
+        api_key_file = path_in_model_dir("handler.api_key_file", section.get("api_key_file"), model_dir)
         return cls(model, section.get("served_model_name"), chat_template, _tool_call_parser(section), engine, limits,
-                   plugins, embedding_model, lora_modules)
+                   plugins, embedding_model, lora_modules, api_key_file)
 
 
 def _template_in_model_dir(chat_template: Optional[str], model_dir: Optional[str]) -> Optional[str]:
@@ -163,13 +165,14 @@ def _check_parallel(config: dict[str, Any]) -> None:
 
 
 def with_absolute_paths(config: dict[str, Any], folder: Path) -> dict[str, Any]:
-    """`config` with the relative paths of `handler.embedding_model`, `handler.chat_template` (a file),
-    `handler.lora_modules` and of the plugins' path options made absolute from `folder`: a YAML outside a model
-    folder (the launcher's --config) means paths beside itself."""
+    """`config` with the relative paths of `handler.embedding_model`, `handler.api_key_file`,
+    `handler.chat_template` (a file), `handler.lora_modules` and of the plugins' path options made absolute from
+    `folder`: a YAML outside a model folder (the launcher's --config) means paths beside itself."""
     result = copy.deepcopy(config)
     section = result.get("handler") or {}
-    if isinstance(section.get("embedding_model"), str):
-        section["embedding_model"] = str(folder / Path(section["embedding_model"]).expanduser())
+    for key in ("embedding_model", "api_key_file"):
+        if isinstance(section.get(key), str):
+            section[key] = str(folder / Path(section[key]).expanduser())
     if isinstance(section.get("chat_template"), str) and is_template_file(section["chat_template"]):
         section["chat_template"] = str(folder / Path(section["chat_template"]).expanduser())
     if isinstance(section.get("lora_modules"), dict):

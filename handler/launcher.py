@@ -19,9 +19,11 @@ from typing import Any, NoReturn, Optional
 from engine.config import EngineConfig
 from engine.layers.sharding import check_tp_size
 from engine.loader import read_model_config, resolve_model
+from handler.api_keys import read_api_keys
 from handler.config import handler_config, read_model_yaml, with_absolute_paths, with_tensor_parallel_size
 from handler.metrics import default_metrics_config
 from handler.model_store import build_archive, engine_overrides, model_yaml
+from handler.protocol import RequestLimits
 from handler.server import ServedModel, ServerConfig, TorchServeProcess, reply_size_limit
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "model-config" / "smollm2-135m-cpu.yaml"
@@ -49,7 +51,8 @@ def parser() -> argparse.ArgumentParser:
     add_tensor_parallel_flag(p)
     add_lora_flags(p)
     p.add_argument("--model_store", type=Path, help="where the model folder is written (default: a temporary folder)")
-    p.add_argument("--host", default="127.0.0.1", help="address of the inference and management APIs")
+    p.add_argument("--host", default="127.0.0.1", help="address of the inference API")
+    p.add_argument("--management_host", help="address of the management and gRPC APIs (default: --host)")
     p.add_argument("--metrics_host", default="127.0.0.1", help="address of the metrics API (default: loopback only)")
     p.add_argument("--inference_port", type=int, default=8080)
     p.add_argument("--management_port", type=int, default=8081)
@@ -60,14 +63,24 @@ def parser() -> argparse.ArgumentParser:
         "--metrics_config", type=Path, default=default_metrics_config(),
         help="model metrics YAML, merged with TorchServe's default metrics (default: model-config/metrics.yaml)",
     )
+    add_auth_flags(p)
+    p.add_argument("--enable_model_api", action="store_true", help="allow registering and deleting models")
+    p.add_argument("--startup_timeout", type=float, default=600.0, help="seconds to wait for the model to be ready")
+    return p
+
+
+def add_auth_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--disable_token_auth", action="store_true", help="serve without TorchServe's Bearer keys")
     p.add_argument(
         "--token_expiration_min", type=float, default=ServerConfig.token_expiration_min,
         help="minutes the printed keys stay valid (default: 30 days; TorchServe's own default is 60)",
     )
-    p.add_argument("--enable_model_api", action="store_true", help="allow registering and deleting models")
-    p.add_argument("--startup_timeout", type=float, default=600.0, help="seconds to wait for the model to be ready")
-    return p
+    p.add_argument("--key_dir", type=Path, help="folder where TorchServe writes key_file.json (default: a temporary one)")
+    p.add_argument(
+        "--api_key_file", type=Path,
+        help="API keys, one per line, as vLLM's --api-key: every request must send `Authorization: Bearer KEY`, "
+        "and TorchServe's own token auth is off (its keys change at every start, which replicas cannot share)",
+    )
 
 
 def add_tensor_parallel_flag(p: argparse.ArgumentParser) -> None:
@@ -141,6 +154,16 @@ def split_engine_overrides(
     return args, overrides
 
 
+def apply_api_key_file(config: dict[str, Any], path: Optional[Path]) -> dict[str, Any]:
+    """`config` with `handler.api_key_file` set to `path` (absolute), once it is known to hold a key."""
+    if path is None:
+        return config
+    read_api_keys(path)
+    result = copy.deepcopy(config)
+    result["handler"]["api_key_file"] = str(path.expanduser().absolute())
+    return result
+
+
 def apply_tensor_parallel_size(config: dict[str, Any], requested: Optional[int]) -> dict[str, Any]:
     """`config` for the requested TP size (default: the config's own, else the visible GPUs of a CUDA engine),
     checked against the model's head counts before any TorchServe starts."""
@@ -175,7 +198,7 @@ def model_name(args: argparse.Namespace, config: dict[str, Any]) -> str:
     return Path(model).stem if Path(model).is_file() else Path(model).name
 
 
-def ready_message(served: ServedModel) -> str:
+def ready_message(served: ServedModel, api_key_file: Optional[Path] = None) -> str:
     server = served.server
     body = {"messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 32}
     curl = ["curl", f"{served.openai_base_url}/chat/completions", "-H", "Content-Type: application/json"]
@@ -186,6 +209,9 @@ def ready_message(served: ServedModel) -> str:
     if server.config.token_auth:
         curl += ["-H", f"Authorization: Bearer {server.keys()['inference']}"]
         lines.append(f"Token keys (inference, management): {server.key_file}")
+    if api_key_file:
+        curl += ["-H", "Authorization: Bearer KEY"]
+        lines.append(f"API keys (send one as Bearer KEY): {api_key_file}")
     curl += ["-d", json.dumps(body)]
     lines += [f"Logs: {server.run_dir / 'logs'}", "Try:", "  " + shlex.join(curl), "Ctrl-C stops TorchServe."]
     return "\n".join(lines)
@@ -198,26 +224,34 @@ def _interrupt(signum: int, frame: Any) -> NoReturn:
     raise KeyboardInterrupt
 
 
+def flags_server_config(
+    args: argparse.Namespace, store: Path, run_dir: Path, models: dict[str, str], limits: RequestLimits
+) -> ServerConfig:
+    """The TorchServe settings the flags ask for."""
+    return ServerConfig(
+        model_store=store, run_dir=run_dir, models=models, host=args.host, management_host=args.management_host,
+        metrics_host=args.metrics_host, inference_port=args.inference_port, management_port=args.management_port,
+        metrics_port=args.metrics_port, grpc_inference_port=args.grpc_inference_port,
+        grpc_management_port=args.grpc_management_port, max_response_size=reply_size_limit(limits),
+        token_auth=not (args.disable_token_auth or args.api_key_file), token_expiration_min=args.token_expiration_min,
+        key_dir=args.key_dir, model_api=args.enable_model_api, metrics_config=args.metrics_config,
+    )
+
+
 def serve(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     config = model_yaml(base_config(args.config), args.model_id, overrides)
     config = apply_lora_flags(config, args.lora_modules, args.enable_lora)
+    config = apply_api_key_file(config, args.api_key_file)
     config = apply_tensor_parallel_size(config, args.tensor_parallel_size)
     name = model_name(args, config)
     limits = handler_config(config).limits
     with tempfile.TemporaryDirectory(prefix="pagedserve-") as tmp:
         store = args.model_store or Path(tmp) / "model_store"
         folder = build_archive(name, args.model_version, config, store)
-        server_config = ServerConfig(
-            model_store=store, run_dir=Path(tmp) / "run", models={name: folder.name}, host=args.host,
-            metrics_host=args.metrics_host, max_response_size=reply_size_limit(limits),
-            token_expiration_min=args.token_expiration_min, inference_port=args.inference_port, management_port=args.management_port,
-            metrics_port=args.metrics_port, grpc_inference_port=args.grpc_inference_port,
-            grpc_management_port=args.grpc_management_port, token_auth=not args.disable_token_auth,
-            model_api=args.enable_model_api, metrics_config=args.metrics_config,
-        )
+        server_config = flags_server_config(args, store, Path(tmp) / "run", {name: folder.name}, limits)
         with TorchServeProcess(server_config) as server:
             server.wait_until_ready(name, args.model_version, args.startup_timeout)
-            print(ready_message(ServedModel(server, name, args.model_version)), flush=True)
+            print(ready_message(ServedModel(server, name, args.model_version), args.api_key_file), flush=True)
             while server.poll() is None:
                 time.sleep(0.5)
             print(f"TorchServe exited with code {server.poll()}; log tail:\n{server.log_tail()}", file=sys.stderr)

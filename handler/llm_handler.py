@@ -21,6 +21,7 @@ from ts.protocol.otf_message_handler import create_predict_response
 from engine import AsyncLLMEngine, EngineConfig, EngineDeadError
 from engine.loader import default_model_path, resolve_model
 from engine.tokenizer import load_tokenizer
+from handler.api_keys import check_api_key, read_api_keys
 from handler.chat_template import read_chat_template
 from handler.config import HandlerConfig, handler_config
 from handler.embedding_serving import EmbeddingServing
@@ -45,6 +46,7 @@ class LLMHandler:
         self.serving: OpenAIServing | None = None
         self.embeddings: EmbeddingServing | None = None
         self.metrics: TorchServeMetrics | None = None
+        self.api_keys: tuple[bytes, ...] = ()  # none: no key asked for
         self.initialized = False
 
     def initialize(self, ctx: Context) -> None:
@@ -52,6 +54,7 @@ class LLMHandler:
         model_dir = ctx.system_properties["model_dir"]
         config = handler_config(ctx.model_yaml_config, model_dir)
         config.engine.device = assigned_device(config.engine.device, ctx)
+        self.api_keys = read_api_keys(config.api_key_file) if config.api_key_file else ()
         version = (ctx.manifest or {}).get("model", {}).get("modelVersion", "1.0")
         served_model_name = config.served_model_name or ctx.model_name
         self.metrics = TorchServeMetrics(ctx.metrics, ctx.model_name, version)
@@ -98,6 +101,8 @@ class LLMHandler:
         self.metrics.bind_loop(asyncio.get_running_loop())
         route = (context.get_request_header(0, "url_path") or "").strip("/")
         try:
+            if self.api_keys:
+                check_api_key(self.api_keys, context.get_all_request_header(0))
             response = await self._dispatch(route, data[0], context.get_request_id(0))
         except APIError as exc:
             return self._send_error(context, exc)

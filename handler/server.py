@@ -1,8 +1,8 @@
 """Run TorchServe's Java frontend ourselves: one run directory per server, so several can run at once.
 
 The `torchserve` CLI keeps one pid file in the temp dir (a second server refuses to start) and can leave its
-workers behind. Here the frontend's cwd, logs, temp dir (where the worker sockets live) and key file all sit
-in `run_dir`, and `stop()` ends the frontend and every process under it.
+workers behind. Here the frontend's logs and temp dir (where the worker sockets live) sit in `run_dir`, and so do
+its cwd and key file unless `key_dir` puts them elsewhere; `stop()` ends the frontend and every process under it.
 """
 from __future__ import annotations
 
@@ -43,6 +43,7 @@ class ServerConfig:
     run_dir: Path
     models: dict[str, str] = field(default_factory=dict)  # name -> folder or .mar in model_store, loaded at start
     host: str = "127.0.0.1"
+    management_host: Optional[str] = None  # the management and gRPC APIs; None: `host`
     metrics_host: str = "127.0.0.1"  # the metrics port stays on loopback unless asked
     inference_port: int = 8080
     management_port: int = 8081
@@ -57,17 +58,22 @@ class ServerConfig:
     max_response_size: int = field(default_factory=lambda: reply_size_limit(RequestLimits()))
     # Model metrics merged with TorchServe's defaults; None: TorchServe's defaults alone (no LLM metrics).
     metrics_config: Optional[Path] = field(default_factory=default_metrics_config)
+    key_dir: Optional[Path] = None  # where TorchServe writes key_file.json (its working folder); None: run_dir
 
     def url(self, port: int, host: Optional[str] = None) -> str:
         return f"http://{host or self.host}:{port}"
 
+    @property
+    def management_bind_host(self) -> str:
+        return self.management_host or self.host
+
     def properties(self) -> dict[str, str]:
         return {
             "inference_address": self.url(self.inference_port),
-            "management_address": self.url(self.management_port),
+            "management_address": self.url(self.management_port, self.management_bind_host),
             "metrics_address": self.url(self.metrics_port, self.metrics_host),
-            "grpc_inference_address": self.host,
-            "grpc_management_address": self.host,
+            "grpc_inference_address": self.management_bind_host,
+            "grpc_management_address": self.management_bind_host,
             "grpc_inference_port": str(self.grpc_inference_port),
             "grpc_management_port": str(self.grpc_management_port),
             "metrics_mode": "prometheus",
@@ -100,7 +106,7 @@ def java_command(config_properties: Path, run_dir: Path) -> list[str]:
         "-cp", f".:{TS_HOME / 'ts' / 'frontend' / '*'}",
         "org.pytorch.serve.ModelServer",
         "--python", sys.executable,
-        "-f", str(config_properties),
+        "-f", str(config_properties.resolve()),
         "-ncs",  # no config snapshots: nothing is restored from a previous run
     ]
 
@@ -121,25 +127,31 @@ class TorchServeProcess:
 
     @property
     def management_url(self) -> str:
-        return self.config.url(self.config.management_port)
+        return self.config.url(self.config.management_port, self.config.management_bind_host)
 
     @property
     def metrics_url(self) -> str:
         return self.config.url(self.config.metrics_port, self.config.metrics_host)
 
     @property
+    def working_dir(self) -> Path:
+        """The frontend's working folder, where TorchServe writes key_file.json."""
+        return (self.config.key_dir or self.run_dir).resolve()
+
+    @property
     def key_file(self) -> Path:
-        return self.run_dir / "key_file.json"
+        return self.working_dir / "key_file.json"
 
     def start(self) -> "TorchServeProcess":
         (self.run_dir / "tmp").mkdir(parents=True, exist_ok=True)
+        self.working_dir.mkdir(parents=True, exist_ok=True)
         write_metrics_config(self.config.metrics_config, self.run_dir / METRICS_FILE)
         properties = write_config_properties(self.config)
         env = {**os.environ, "LOG_LOCATION": str(self.run_dir / "logs"), "METRICS_LOCATION": str(self.run_dir / "logs")}
         log = self._exit_stack.enter_context(self.log_path.open("ab"))
         # A session of its own: Ctrl-C in a terminal reaches only us, and we stop the frontend in order.
         self.process = subprocess.Popen(
-            java_command(properties, self.run_dir), cwd=self.run_dir, env=env,
+            java_command(properties, self.run_dir), cwd=self.working_dir, env=env,
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         return self

@@ -1,7 +1,8 @@
+# shellcheck shell=bash
 # Sourced by test.sh and serve.sh: sets up everything on a fresh machine (venv, CPU torch, the project with
 # its test and rag extras, the embedded LLM and embedding model, Java 17) and leaves the venv's interpreter in
 # $PY, run from the repo root.
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 VENV="${VENV:-.venv}"
 
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
