@@ -37,6 +37,8 @@ value PAGEDSERVE_MODEL_NAME --model_name
 value PAGEDSERVE_MODEL_VERSION --model_version
 value PAGEDSERVE_CONFIG --config
 value PAGEDSERVE_TENSOR_PARALLEL_SIZE --tensor_parallel_size
+value PAGEDSERVE_MODEL_STORE --model_store
+value PAGEDSERVE_METRICS_CONFIG --metrics_config
 value PAGEDSERVE_HOST --host 0.0.0.0
 value PAGEDSERVE_MANAGEMENT_HOST --management_host 127.0.0.1
 value PAGEDSERVE_METRICS_HOST --metrics_host 0.0.0.0

@@ -2,14 +2,11 @@
 from __future__ import annotations
 
 import json
-import queue
 import re
 import shlex
 import signal
 import subprocess
 import sys
-import threading
-import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -22,9 +19,8 @@ from handler.launcher import parser, split_engine_overrides
 from handler.protocol import RequestLimits
 from handler.server import free_ports, reply_size_limit
 from ts_http import http
-from ts_server import STARTUP_TIMEOUT
+from ts_server import READY_LINE, STARTUP_TIMEOUT, read_until
 
-READY_LINE = "Ctrl-C stops TorchServe."
 SMALL = ["--engine.max_num_seqs", "4", "--engine.kv_cache_memory_gb", "0.25", "--engine.max_model_len", "512"]
 
 
@@ -57,19 +53,6 @@ def launch(*args: str) -> subprocess.Popen[str]:
         [sys.executable, "-m", "handler.launcher", *args],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
-
-
-def read_until(process: subprocess.Popen[str], marker: str, timeout: float) -> str:
-    """The launcher's output up to the line holding `marker`; fails if it exits or times out first."""
-    lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True).start()
-    output, deadline = "", time.monotonic() + timeout
-    while marker not in output:
-        try:
-            output += lines.get(timeout=max(0.0, deadline - time.monotonic()))
-        except queue.Empty:
-            pytest.fail(f"no {marker!r} within {timeout:.0f}s (exit code {process.poll()}):\n{output}")
-    return output
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +104,16 @@ def test_torchserve_settings_keep_metrics_on_loopback_and_bodies_as_bytes(launch
     assert int(properties["max_response_size"]) == reply_size_limit(RequestLimits())
 
 
+def test_the_health_check_reads_the_keys_from_the_key_file(launched: Launched) -> None:
+    ports = ["--inference_port", launched.inference_url.rsplit(":", 1)[1],
+             "--management_port", launched.management_url.rsplit(":", 1)[1]]
+    for args, expected in ((["--key_file", str(launched.key_file)], "ready: smollm2"),
+                           ([], "unhealthy: http://127.0.0.1:{}/ping: HTTP 400")):
+        result = subprocess.run([sys.executable, "-m", "handler.health_check", "--ready", *ports, *args],
+                                capture_output=True, text=True, timeout=30)
+        assert result.stdout.startswith(expected.format(ports[1])) and result.returncode == (expected[0] == "u")
+
+
 def test_a_request_without_the_key_is_refused(launched: Launched) -> None:
     # TorchServe 0.12.0 refuses a missing or wrong key with 400 InvalidKeyException, not 401.
     for headers in ({}, {"Authorization": "Bearer wrong"}):
@@ -160,11 +153,14 @@ def test_ctrl_c_stops_torchserve_and_leaves_no_process(launched: Launched) -> No
     (["--config", "{tmp}/level.yaml"], r"parallelLevel: TorchServe ignores it unless parallelType is set"),
     (["--lora-modules", "sql={tmp}", "--engine.enable_lora", "false"],
      r"handler.lora_modules needs handler.engine.enable_lora: true, got False"),
+    (["--api_key_file", "{tmp}/blank"], r"api_key_file .*/blank holds no key \(one per line\)"),
+    (["--api_key_file", "{tmp}/missing"], r"api_key_file .*/missing: No such file or directory"),
 ])
 def test_a_bad_setting_fails_fast_naming_it(tmp_path: Path, args: list[str], message: str) -> None:
     (tmp_path / "typo.yaml").write_text("handler:\n  engine:\n    kv_cache_gb: 1\n")
     (tmp_path / "frontend.yaml").write_text("minWorker: 1\nhandler: {}\n")
     (tmp_path / "level.yaml").write_text("parallelLevel: 2\nhandler: {}\n")
+    (tmp_path / "blank").write_text("\n  \n")
     process = launch(*[arg.format(tmp=tmp_path) for arg in args], *free_port_flags())
     output, _ = process.communicate(timeout=60)
     assert process.returncode != 0

@@ -1,8 +1,14 @@
 """Starting real TorchServe servers for tests: the embedded SmolLM2 with small engine settings, free ports."""
 from __future__ import annotations
 
+import queue
+import subprocess
+import threading
+import time
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from handler.launcher import base_config
 from handler.model_store import model_yaml
@@ -15,6 +21,7 @@ SMALL_ENGINE: dict[str, Any] = {
     "max_num_seqs": 32, "kv_cache_memory_gb": 0.25, "max_model_len": 1024, "quantization": "none",
 }
 STARTUP_TIMEOUT = 300.0
+READY_LINE = "Ctrl-C stops TorchServe."  # the launcher's last line once its model is ready
 RAG_DOCUMENTS = Path(__file__).resolve().parent / "data" / "rag_docs"
 EXAMPLE_PLUGINS = Path(__file__).resolve().parent / "example_plugins.py"
 # Two short categories keep the guard prompt inside the tiny stand-in guard model's 512 positions.
@@ -73,3 +80,16 @@ def guard_plugin(guard_model: Path, **options: Any) -> dict[str, Any]:
 
 def with_plugins(config: dict[str, Any], plugins: list[dict[str, Any]]) -> dict[str, Any]:
     return {**config, "handler": {**config["handler"], "plugins": plugins}}
+
+
+def read_until(process: subprocess.Popen[str], marker: str, timeout: float) -> str:
+    """The launcher's output up to the line holding `marker`; fails if it exits or times out first."""
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True).start()
+    output, deadline = "", time.monotonic() + timeout
+    while marker not in output:
+        try:
+            output += lines.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            pytest.fail(f"no {marker!r} within {timeout:.0f}s (exit code {process.poll()}):\n{output}")
+    return output
