@@ -19,10 +19,12 @@ REPO = Path(__file__).resolve().parent.parent
 DOCKER = REPO / "docker"
 DOCKERFILES = (DOCKER / "Dockerfile.cpu", DOCKER / "Dockerfile.gpu")
 APP_DIR = "/opt/pagedserve"
+KEY_DIR = "/var/lib/pagedserve/keys"
 BUILD_TOOLS = {"g++", "gcc", "build-essential", "clang", "make", "cmake"}
 # Triton compiles its CUDA driver module with a C compiler when the first kernel runs (see Dockerfile.gpu).
 ALLOWED_BUILD_TOOLS = {"Dockerfile.cpu": set(), "Dockerfile.gpu": {"gcc"}}
-SECRET_NAME = re.compile(r"KEY|TOKEN|PASSWORD|SECRET", re.IGNORECASE)
+# A name such as API_KEY or HF_TOKEN; KEY_DIR, KEY_FILE and the like hold paths.
+SECRET_NAME = re.compile(r"(KEY|TOKEN|PASSWORD|SECRET)(?!_(DIR|FILE|PATH)\b)", re.IGNORECASE)
 SECRET_FILE = re.compile(r"(^|/)(key_file\.json|\.env(\..*)?|[^/]*\.(key|pem))$")
 
 
@@ -229,9 +231,11 @@ def test_exposed_ports_are_the_launchers_inference_and_metrics_ports(dockerfile:
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda path: path.name)
-def test_volumes_are_the_models_and_keys_folders(dockerfile: Path) -> None:
-    volumes = [json.loads(volume.args) for volume in find(final_stage(dockerfile), "VOLUME")]
-    assert volumes == [["/models", "/var/lib/pagedserve/keys"]]
+def test_volumes_are_the_models_and_keys_folders_and_the_health_check_finds_the_keys(dockerfile: Path) -> None:
+    stage = final_stage(dockerfile)
+    volumes = [json.loads(volume.args) for volume in find(stage, "VOLUME")]
+    assert volumes == [["/models", KEY_DIR]]
+    assert ("PAGEDSERVE_KEY_DIR", KEY_DIR) in [pair for env in find(stage, "ENV") for pair in env_pairs(env)]
 
 
 def test_the_cpu_build_stops_first_when_torch_index_url_is_missing() -> None:
