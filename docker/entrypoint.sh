@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The containers' entrypoint: runs the launcher (python -m handler.launcher) with its flags taken from PAGEDSERVE_*
 # environment variables, then the container's arguments. The launcher replaces this shell, so the SIGTERM of
-# `docker stop` or Kubernetes reaches it and it stops TorchServe and its workers. A PAGEDSERVE_* variable that is
-# not one of these is an error that names it, so that a typo is not silently ignored.
+# `docker stop` or Kubernetes reaches it: it lets the requests in flight finish (PAGEDSERVE_DRAIN_TIMEOUT), then
+# stops TorchServe and its workers. A PAGEDSERVE_* variable that is not one of these is an error that names it,
+# so that a typo is not silently ignored.
 set -euo pipefail
 
 args=()
@@ -25,6 +26,16 @@ switch() {
         false | 0 | no) ;;
         *) fail "$1 must be true or false, got '${!1}'" ;;
     esac
+}
+
+# Kubernetes (and Docker's links) give every pod variables of each Service, named from the Service's name:
+# PAGEDSERVE_SERVICE_HOST, PAGEDSERVE_PORT=tcp://..., PAGEDSERVE_PORT_8080_TCP_ADDR and so on.
+service_link() {
+    case "$1" in
+        *_SERVICE_HOST | *_SERVICE_PORT | *_SERVICE_PORT_* | *_PORT_[0-9]*_TCP* | *_PORT_[0-9]*_UDP* | *_PORT_[0-9]*_SCTP*)
+            return 0 ;;
+    esac
+    [[ "${!1}" =~ ^(tcp|udp|sctp):// ]]
 }
 
 fail() {
@@ -51,6 +62,7 @@ value PAGEDSERVE_KEY_DIR --key_dir /var/lib/pagedserve/keys
 value PAGEDSERVE_API_KEY_FILE --api_key_file
 value PAGEDSERVE_TOKEN_EXPIRATION_MIN --token_expiration_min
 value PAGEDSERVE_STARTUP_TIMEOUT --startup_timeout
+value PAGEDSERVE_DRAIN_TIMEOUT --drain_timeout
 switch PAGEDSERVE_DISABLE_TOKEN_AUTH --disable_token_auth
 switch PAGEDSERVE_ENABLE_MODEL_API --enable_model_api
 switch PAGEDSERVE_ENABLE_LORA --enable_lora
@@ -66,7 +78,7 @@ for name in $(compgen -e); do
     if [[ "$name" == PAGEDSERVE_ENGINE_* ]]; then
         key="${name#PAGEDSERVE_ENGINE_}"
         args+=("--engine.${key,,}" "${!name}")
-    elif [[ "$name" == PAGEDSERVE_* && " ${known[*]} " != *" $name "* ]]; then
+    elif [[ "$name" == PAGEDSERVE_* && " ${known[*]} " != *" $name "* ]] && ! service_link "$name"; then
         fail "unknown variable $name (see docker/README.md for the PAGEDSERVE_* settings)"
     fi
 done

@@ -66,6 +66,10 @@ def parser() -> argparse.ArgumentParser:
     add_auth_flags(p)
     p.add_argument("--enable_model_api", action="store_true", help="allow registering and deleting models")
     p.add_argument("--startup_timeout", type=float, default=600.0, help="seconds to wait for the model to be ready")
+    p.add_argument(
+        "--drain_timeout", type=float, default=20.0,
+        help="seconds a stop (SIGTERM, Ctrl-C) waits for the requests in flight to finish before TorchServe stops",
+    )
     return p
 
 
@@ -250,12 +254,39 @@ def serve(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
         folder = build_archive(name, args.model_version, config, store)
         server_config = flags_server_config(args, store, Path(tmp) / "run", {name: folder.name}, limits)
         with TorchServeProcess(server_config) as server:
-            server.wait_until_ready(name, args.model_version, args.startup_timeout)
-            print(ready_message(ServedModel(server, name, args.model_version), args.api_key_file), flush=True)
-            while server.poll() is None:
-                time.sleep(0.5)
-            print(f"TorchServe exited with code {server.poll()}; log tail:\n{server.log_tail()}", file=sys.stderr)
-            return 1
+            served = ServedModel(server, name, args.model_version)
+            try:
+                server.wait_until_ready(name, args.model_version, args.startup_timeout)
+                print(ready_message(served, args.api_key_file), flush=True)
+                return watch(server)
+            except KeyboardInterrupt:
+                drain(served, args.drain_timeout)
+                raise
+
+
+def watch(server: TorchServeProcess) -> int:
+    """Wait while TorchServe runs; it exiting on its own is a failure."""
+    while server.poll() is None:
+        time.sleep(0.5)
+    print(f"TorchServe exited with code {server.poll()}; log tail:\n{server.log_tail()}", file=sys.stderr)
+    return 1
+
+
+def drain(served: ServedModel, timeout: float) -> None:
+    """Wait until the engine has no request running or waiting, at most `timeout` seconds. A Kubernetes Service
+    stops sending new requests once the pod is terminating; the ones it already sent finish here."""
+    deadline, reported = time.monotonic() + timeout, 0
+    while time.monotonic() < deadline and served.server.poll() is None:
+        try:
+            in_flight = served.requests_in_flight()
+        except (OSError, ValueError, LookupError):  # no worker answers: nothing is left to wait for
+            return
+        if in_flight == 0:
+            return
+        if in_flight != reported:
+            print(f"Stopping: waiting for {in_flight} request(s) in flight", flush=True)
+        reported = in_flight
+        time.sleep(0.5)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

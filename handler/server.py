@@ -246,6 +246,20 @@ class ServedModel:
     def openai_base_url(self) -> str:
         return f"{self.predictions_url}/v1"
 
+    def requests_in_flight(self) -> int:
+        """Requests running or waiting in the engine of this version's worker."""
+        state = engine_state(self.management_url, self.model_name, self.model_version, self.server.management_headers())
+        return state["num_requests_running"] + state["num_requests_waiting"]
+
+
+def engine_state(management_url: str, model: str, version: str, headers: Optional[dict[str, str]] = None
+                 ) -> dict[str, Any]:
+    """The engine part of the handler's describe (`?customized=true`): live request counts and KV block stats."""
+    url = f"{management_url}/models/{model}/{version}?customized=true"
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=30) as response:
+        metadata = json.load(response)[0]["customizedMetadata"]
+    return (json.loads(metadata) if isinstance(metadata, str) else metadata)["engine"]
+
 
 def _has_ready_worker(url: str, headers: Optional[dict[str, str]]) -> bool:
     if headers is None:

@@ -16,7 +16,8 @@ from engine import CompletionOutput, EngineConfig, EngineDeadError
 from handler.plugins import PluginContext
 from handler.plugins.guard import GuardOptions, GuardPlugin, OutputModeration, Verdict
 from handler.plugins.llama_guard import conversation_turns, guard_prompt, guard_task, violated_categories
-from ts_http import engine_state, http
+from handler.server import engine_state
+from ts_http import http
 from ts_server import GUARD_CATEGORIES
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "How do I bake bread?"}]

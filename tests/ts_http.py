@@ -7,6 +7,7 @@ import urllib.error
 import urllib.request
 from typing import Any, Optional
 
+from handler.server import engine_state
 
 def http(url: str, body: Any = None, raw: Optional[bytes] = None, method: Optional[str] = None,
          headers: Optional[dict[str, str]] = None) -> tuple[int, Any]:
@@ -44,14 +45,6 @@ def management_call(management_url: str, method: str, path: str) -> tuple[int, A
             return response.status, json.load(response)
     except urllib.error.HTTPError as error:
         return error.code, json.load(error)
-
-
-def engine_state(management_url: str, model: str, version: str) -> dict[str, Any]:
-    """The handler's describe output: the engine's live request counts and KV block stats."""
-    status, described = http(f"{management_url}/models/{model}/{version}?customized=true", method="GET")
-    assert status == 200, described
-    metadata = described[0]["customizedMetadata"]
-    return (json.loads(metadata) if isinstance(metadata, str) else metadata)["engine"]
 
 
 def wait_all_blocks_free(management_url: str, model: str, version: str, timeout: float = 30.0) -> dict[str, Any]:
