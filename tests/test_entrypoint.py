@@ -25,6 +25,7 @@ CONTAINER_DEFAULTS = ["--host", "0.0.0.0", "--management_host", "127.0.0.1", "--
 PORTS = ("INFERENCE", "MANAGEMENT", "METRICS", "GRPC_INFERENCE", "GRPC_MANAGEMENT")
 KUBERNETES_GRACE_S = 60 - 5  # terminationGracePeriodSeconds less the preStop sleep
 KEYS = ("old-key", "new-key")
+DRAINED_TOKENS = 48  # the length of the request in flight when SIGTERM comes
 
 
 def clean_env(**variables: str) -> dict[str, str]:
@@ -63,6 +64,7 @@ def test_every_launcher_flag_has_a_variable_and_the_launcher_takes_what_it_becom
               "tensor_parallel_size": "1", "model_store": "/tmp/store", "metrics_config": "/etc/metrics.yaml",
               "host": "10.0.0.1", "management_host": "0.0.0.0", "metrics_host": "127.0.0.1",
               "key_dir": "/keys", "api_key_file": "/etc/keys", "token_expiration_min": "5.0", "startup_timeout": "9.0",
+              "drain_timeout": "3.0",
               **{f"{port.lower()}_port": str(9000 + i) for i, port in enumerate(PORTS)}}
     switches = ("disable_token_auth", "enable_model_api", "enable_lora")
     variables = {f"PAGEDSERVE_{'MODEL' if key == 'model_id' else key.upper()}": value for key, value in values.items()}
@@ -87,7 +89,17 @@ def test_an_empty_variable_leaves_the_launcher_default(tmp_path: Path) -> None:
     assert "--key_dir" not in launcher_flags(tmp_path, PAGEDSERVE_KEY_DIR="", PAGEDSERVE_MODEL="")
 
 
+def test_the_variables_kubernetes_gives_a_pods_services_are_not_settings(tmp_path: Path) -> None:
+    links = {"PAGEDSERVE_SERVICE_HOST": "10.0.0.7", "PAGEDSERVE_SERVICE_PORT": "8080",
+             "PAGEDSERVE_SERVICE_PORT_HTTP": "8080", "PAGEDSERVE_PORT": "tcp://10.0.0.7:8080",
+             "PAGEDSERVE_PORT_8080_TCP": "tcp://10.0.0.7:8080", "PAGEDSERVE_PORT_8080_TCP_ADDR": "10.0.0.7",
+             "PAGEDSERVE_PORT_8080_TCP_PORT": "8080", "PAGEDSERVE_PORT_8080_TCP_PROTO": "tcp",
+             "PAGEDSERVE_METRICS_PORT_8082_TCP_ADDR": "10.0.0.8"}
+    assert launcher_flags(tmp_path, **links) == CONTAINER_DEFAULTS
+
+
 @pytest.mark.parametrize("variables, message", [
+    ({"PAGEDSERVE_METRIC_PORT": "9000"}, "unknown variable PAGEDSERVE_METRIC_PORT"),
     ({"PAGEDSERVE_MODEL_ID": "/m"}, "unknown variable PAGEDSERVE_MODEL_ID"),
     ({"PAGEDSERVE_DISABLE_TOKEN_AUTH": "maybe"}, "PAGEDSERVE_DISABLE_TOKEN_AUTH must be true or false, got 'maybe'"),
 ])
@@ -179,12 +191,22 @@ def test_management_and_grpc_stay_on_loopback_and_token_auth_is_off(container: C
     assert properties["disable_token_authorization"] == "true"
 
 
-def test_sigterm_stops_torchserve_and_its_workers_within_the_grace_period(container: Container) -> None:
+def test_sigterm_lets_the_request_in_flight_finish_then_stops_everything_within_the_grace_period(
+        container: Container) -> None:
     """Last in this module: it stops the container's launcher."""
+    import openai
+
     descendants = psutil.Process(container.process.pid).children(recursive=True)
     assert any("org.pytorch.serve.ModelServer" in proc.cmdline() for proc in descendants)
+    client = openai.OpenAI(base_url=container.base_url, api_key=KEYS[0], max_retries=0, timeout=120)
+    stream = client.completions.create(model="smollm2", prompt="Once upon a time", max_tokens=DRAINED_TOKENS,
+                                       temperature=0, stream=True, stream_options={"include_usage": True})
+    chunks = [next(stream)]
     started = time.monotonic()
     container.process.send_signal(signal.SIGTERM)
+    chunks += list(stream)
+    assert chunks[-1].usage.completion_tokens == DRAINED_TOKENS
+    assert [chunk.choices[0].finish_reason for chunk in chunks if chunk.choices][-1] == "length"
     assert container.process.wait(timeout=KUBERNETES_GRACE_S) == 0
     _, alive = psutil.wait_procs(descendants, timeout=max(0.0, KUBERNETES_GRACE_S - (time.monotonic() - started)))
     assert alive == []
