@@ -11,9 +11,12 @@ from typing import Mapping, Optional
 
 from handler.api_error import APIError
 
+MIN_KEY_LENGTH = 16  # refuses placeholders such as the shipped Secret's "change-me"
+
 
 def read_api_keys(path: str | Path) -> tuple[bytes, ...]:
-    """The keys in `path`, one per line (blank lines and surrounding spaces ignored); ValueError if there is none."""
+    """The keys in `path`, one per line (blank lines and surrounding spaces ignored); ValueError if there is none or
+    one is shorter than MIN_KEY_LENGTH."""
     try:
         text = Path(path).read_text()
     except OSError as error:
@@ -21,6 +24,9 @@ def read_api_keys(path: str | Path) -> tuple[bytes, ...]:
     keys = tuple(line.strip().encode() for line in text.splitlines() if line.strip())
     if not keys:
         raise ValueError(f"api_key_file {path} holds no key (one per line)")
+    short = min(len(key) for key in keys)
+    if short < MIN_KEY_LENGTH:
+        raise ValueError(f"api_key_file {path}: a key of {short} characters; keys need at least {MIN_KEY_LENGTH}")
     return keys
 
 

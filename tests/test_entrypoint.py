@@ -24,7 +24,7 @@ CONTAINER_DEFAULTS = ["--host", "0.0.0.0", "--management_host", "127.0.0.1", "--
                       "--key_dir", "/var/lib/pagedserve/keys"]
 PORTS = ("INFERENCE", "MANAGEMENT", "METRICS", "GRPC_INFERENCE", "GRPC_MANAGEMENT")
 KUBERNETES_GRACE_S = 60 - 5  # terminationGracePeriodSeconds less the preStop sleep
-KEYS = ("old-key", "new-key")
+KEYS = ("old-key-7d4f1c9a2b", "new-key-e81b3a60f5")
 DRAINED_TOKENS = 48  # the length of the request in flight when SIGTERM comes
 
 
