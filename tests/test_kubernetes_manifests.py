@@ -21,7 +21,7 @@ from kubernetes_validate.utils import latest_version, schema_contents
 from referencing import Registry, Resource
 
 from handler.config import handler_config
-from handler.launcher import parser
+from handler.launcher import parser, split_engine_overrides
 from handler.metrics import LLM_METRICS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -164,6 +164,8 @@ def test_kserve_runtime() -> None:
     assert (runtime()["apiVersion"], runtime()["kind"]) == ("serving.kserve.io/v1alpha1", "ClusterServingRuntime")
     assert runtime_container()["name"] == "kserve-container"
     assert env(runtime_container())["PAGEDSERVE_MODEL"] == "/mnt/models"
+    args, overrides = split_engine_overrides(parser(), runtime_container()["args"])
+    assert args.model_name == "{{.Name}}" and overrides == {}  # KServe puts the InferenceService's name there
     assert [port["containerPort"] for port in runtime_container()["ports"]] == [parser().get_default("inference_port")]
     assert all(fmt["name"] and fmt["version"] for fmt in spec["supportedModelFormats"])
     validate_core(runtime_container(), "Container")
