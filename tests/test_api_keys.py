@@ -9,6 +9,7 @@ import pytest
 from handler.api_error import APIError
 from handler.api_keys import MIN_KEY_LENGTH, check_api_key, read_api_keys
 from handler.config import HandlerConfig, with_absolute_paths
+from handler.launcher import apply_api_key_file
 
 KEY = "k" * MIN_KEY_LENGTH
 
@@ -52,3 +53,11 @@ def test_a_relative_key_file_is_in_the_model_folder_or_beside_a_config_file(tmp_
         HandlerConfig.from_dict({"api_key_file": "../keys"}, str(tmp_path))
     config = with_absolute_paths({"handler": {"api_key_file": "secrets/keys"}}, tmp_path)
     assert config["handler"]["api_key_file"] == str(tmp_path / "secrets" / "keys")
+
+
+def test_the_launcher_refuses_a_missing_key_file_before_starting_anything(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"api_key_file .*/missing: No such file or directory"):
+        apply_api_key_file({"handler": {}}, tmp_path / "missing")
+    (tmp_path / "keys").write_text(KEY)
+    expected = {"handler": {"api_key_file": str(tmp_path / "keys")}}
+    assert apply_api_key_file({"handler": {}}, tmp_path / "keys") == expected
