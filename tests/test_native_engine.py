@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -75,6 +76,17 @@ def test_a_failed_build_is_a_warning_that_says_why(monkeypatch: pytest.MonkeyPat
     assert "the PyTorch path runs instead" in caplog.text
 
 
+def test_builds_run_this_environments_ninja_whatever_the_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ninja versions keep logs of different formats: a build by the system's ninja after one by the venv's (a
+    TorchServe worker's PATH against the test process's) would start over from scratch."""
+    from engine.native import build
+
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    with build._own_ninja():
+        assert shutil.which("ninja") == str(Path(sys.executable).parent / "ninja")
+    assert os.environ["PATH"] == "/usr/bin:/bin"
+
+
 def test_native_runs_on_the_cpu_in_float32_and_bfloat16_only(native_kernels: None) -> None:
     with pytest.raises(ValueError, match="runs on the CPU only"):
         select_backend("native", torch.device("cuda"))
@@ -136,6 +148,7 @@ stale = cpp_extension._get_build_directory(name, False) + "/lock"
 open(stale, "w").close()
 assert build.native_error() is None
 import os
+import shutil
 assert not os.path.exists(stale)
 print("loaded past the stale lock")
 """

@@ -12,6 +12,7 @@ import fcntl
 import functools
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Iterator, Optional
@@ -56,7 +57,7 @@ def _build_and_load() -> Optional[str]:
     started = time.perf_counter()
     name = f"pagedserve_native_{capability.lower()}"
     try:
-        with _build_lock(cpp_extension._get_build_directory(name, False)):
+        with _build_lock(cpp_extension._get_build_directory(name, False)), _own_ninja():
             cpp_extension.load(
                 name=name,
                 sources=[str(CSRC / source) for source in SOURCES],
@@ -89,6 +90,22 @@ def _build_lock(build_dir: str) -> Iterator[None]:
             logger.warning("removing %s, left by a native build that did not finish", stale)
             os.remove(stale)
         yield
+
+
+@contextlib.contextmanager
+def _own_ninja() -> Iterator[None]:
+    """This environment's ninja (the `ninja` package) first on PATH while torch builds: ninja versions keep logs
+    of different formats, so builds by two ninjas (a venv's and the system's) would each start over from scratch."""
+    bin_dir = os.path.dirname(sys.executable)
+    path = os.environ.get("PATH", "")
+    if not os.path.isfile(os.path.join(bin_dir, "ninja")):
+        yield
+        return
+    os.environ["PATH"] = bin_dir + os.pathsep + path
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = path
 
 
 def _last_lines(text: str, count: int = 6) -> str:
